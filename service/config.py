@@ -1,0 +1,240 @@
+"""Node configuration: defaults in one place, a YAML file on top, environment variables last.
+
+Unknown keys are refused with the key's name, so a typo in `befund.yaml` fails at start-up
+instead of silently running with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, no control
+
+
+class ConfigError(ValueError):
+    """A configuration value that the node cannot run with."""
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """One allow-list entry: a calling AE title (or `*`) from a network (CIDR)."""
+
+    ae_title: str = "*"
+    network: str = "127.0.0.0/8"
+
+    def permits(self, ae_title: str, address: str) -> bool:
+        if self.ae_title != "*" and self.ae_title != ae_title.strip():
+            return False
+        try:
+            return ipaddress.ip_address(address) in ipaddress.ip_network(self.network, strict=False)
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives results (the PACS)."""
+
+    ae_title: str
+    host: str
+    port: int
+    name: str = "pacs"
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, text: str, name: str = "pacs") -> Destination:
+        """Parse `AE@host:port`, the form used by `BEFUND_PACS` and `befund send --to`."""
+        m = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text.strip())
+        if not m:
+            raise ConfigError(f"destination {text!r} is not of the form AE@host:port")
+        return cls(ae_title=m.group(1), host=m.group(2), port=int(m.group(3)), name=name)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS: certificate and key for the listener, CA bundle to verify peers."""
+
+    enabled: bool = False
+    port: int = 2762
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Outbox retry policy: exponential backoff with jitter, then dead letter."""
+
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 300.0
+    dead_letter_after_s: float = 24 * 3600.0
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Hl7Config:
+    """An HL7 v2 receiver (RIS / worklist engine) reached over MLLP."""
+
+    host: str = ""
+    port: int = 0
+    sending_facility: str = "BEFUND"
+    receiving_application: str = "RIS"
+
+
+@dataclass(frozen=True)
+class Config:
+    ae_title: str = "BEFUND"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    http_port: int = 3000
+    var_dir: str = "var"
+    models_dir: str = "models"
+    database_url: str = ""  # empty: SQLite under var_dir
+    token: str = ""  # empty: generated once and kept in var_dir/token
+    allow: tuple[AllowRule, ...] = (AllowRule("*", "127.0.0.0/8"), AllowRule("*", "::1/128"))
+    destinations: tuple[Destination, ...] = ()
+    settle_s: float = 2.0
+    quiet_s: float = 30.0
+    max_associations: int = 32
+    max_pdu: int = 262144
+    max_instance_bytes: int = 8 * 1024**3
+    min_free_bytes: int = 1024**3
+    retention_hours: float = 168.0
+    job_lease_s: float = 120.0
+    job_max_attempts: int = 3
+    job_workers: int = 2
+    inference_provider: str = "cpu"  # cpu | cuda
+    inference_threads: int = 0  # 0: cores minus one, at least one
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    hl7: Hl7Config = field(default_factory=Hl7Config)
+    webhooks: tuple[str, ...] = ()
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    @property
+    def var_path(self) -> Path:
+        return Path(self.var_dir)
+
+    @property
+    def spool_path(self) -> Path:
+        return self.var_path / "spool"
+
+    @property
+    def results_path(self) -> Path:
+        return self.var_path / "results"
+
+    @property
+    def db_path(self) -> Path:
+        return self.var_path / "state.sqlite"
+
+    def is_allowed(self, ae_title: str, address: str) -> bool:
+        return any(rule.permits(ae_title, address) for rule in self.allow)
+
+
+_NESTED = {"delivery": DeliveryConfig, "hl7": Hl7Config, "tls": TlsConfig}
+
+ENV_PREFIX = "BEFUND_"
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(names)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        f = names[key]
+        if key in _NESTED:
+            kwargs[key] = _build(_NESTED[key], value or {}, f"{where}.{key}")
+        elif key == "allow":
+            kwargs[key] = tuple(_allow_rule(v) for v in value or ())
+        elif key == "destinations":
+            kwargs[key] = tuple(_destination(v) for v in value or ())
+        elif key == "webhooks":
+            kwargs[key] = tuple(str(v) for v in value or ())
+        else:
+            kwargs[key] = _coerce(f, value, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                return value.strip().lower() in {"1", "true", "yes", "on"}
+            return bool(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {value!r} is not a valid {kind}") from exc
+
+
+def _allow_rule(value: Any) -> AllowRule:
+    if isinstance(value, str):
+        ae, _, net = value.partition("@")
+        value = {"ae_title": ae or "*", "network": net or "0.0.0.0/0"}
+    rule = _build(AllowRule, value, "allow[]")
+    try:
+        ipaddress.ip_network(rule.network, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"allow: {rule.network!r} is not a network (use CIDR, e.g. 10.0.0.0/8)") from exc
+    return rule
+
+
+def _destination(value: Any) -> Destination:
+    if isinstance(value, str):
+        return Destination.parse(value)
+    return _build(Destination, value, "destinations[]")
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    """`BEFUND_<KEY>` sets a top-level scalar; `BEFUND_PACS=AE@host:port` sets the destination."""
+    out: dict[str, Any] = {}
+    scalar = {f.name for f in dataclasses.fields(Config)} - set(_NESTED) - {
+        "allow", "destinations", "webhooks"}
+    for name in scalar:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            out[name] = env[key]
+    if "BEFUND_VAR" in env:
+        out["var_dir"] = env["BEFUND_VAR"]
+    if env.get("BEFUND_PACS"):
+        out["destinations"] = [env["BEFUND_PACS"]]
+    if env.get("BEFUND_ALLOW"):
+        out["allow"] = [r for r in env["BEFUND_ALLOW"].split(",") if r.strip()]
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load defaults <- YAML file <- environment. `path=None` uses `$BEFUND_CONFIG` or `befund.yaml`."""
+    env = dict(os.environ if env is None else env)
+    data: dict[str, Any] = {}
+    if path is None:
+        path = env.get("BEFUND_CONFIG") or ("befund.yaml" if Path("befund.yaml").exists() else None)
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data.update(loaded)
+    data.update(_env_overrides(env))
+    cfg = _build(Config, data, str(path or "config"))
+    if not AE_TITLE_RE.match(cfg.ae_title):
+        raise ConfigError(f"ae_title {cfg.ae_title!r} is not a valid AE title (1-16 characters)")
+    if cfg.inference_provider not in {"cpu", "cuda"}:
+        raise ConfigError(f"inference_provider must be cpu or cuda, not {cfg.inference_provider!r}")
+    return cfg
