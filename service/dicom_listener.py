@@ -1,0 +1,238 @@
+"""The C-STORE / C-ECHO SCP: receive instances, put them durably in the spool, index them.
+
+An instance is acknowledged (0x0000) only after its file is fsynced and renamed into the
+spool and `on_instance` (the state DB) has returned. Every refusal is a failure status with a
+reason in the log that names UIDs only. One small handler per event; nothing slow runs in a
+handler beyond the write and the index call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from service import pynetdicom_tuning
+from service.config import Config
+from service.spool import (
+    InstanceTooLarge,
+    InvalidUid,
+    OutOfSpace,
+    Spool,
+    SpoolError,
+    StoredInstance,
+    UidMismatch,
+    UnreadableInstance,
+)
+
+LOG = logging.getLogger("befund.receive")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+# Lossless compressed syntaxes first (accepted as proposed, no decompression by the sender),
+# then the uncompressed ones, then everything else (lossy only when the sender offers nothing
+# better), deflate last (some tools cannot read it back).
+_PREFERRED_FIRST = (
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+)
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+ACCEPTED_TRANSFER_SYNTAXES = [
+    *[ts for ts in _PREFERRED_FIRST if ts in ALL_TRANSFER_SYNTAXES],
+    *[ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _PREFERRED_FIRST and ts != _DEFLATED],
+    _DEFLATED,
+]
+
+_STATUS_FOR = {
+    OutOfSpace: STATUS_OUT_OF_RESOURCES,
+    InstanceTooLarge: STATUS_OUT_OF_RESOURCES,
+    UidMismatch: STATUS_DATASET_MISMATCH,
+    InvalidUid: STATUS_CANNOT_UNDERSTAND,
+    UnreadableInstance: STATUS_CANNOT_UNDERSTAND,
+}
+
+
+@dataclass
+class _Association:
+    """What the listener remembers about one accepted association."""
+
+    association_id: str
+    calling_ae: str
+    peer_address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+class DicomListener:
+    """C-STORE and C-ECHO SCP writing to `spool` and indexing through `on_instance`."""
+
+    def __init__(self, config: Config, spool: Spool,
+                 on_instance: Callable[[StoredInstance], None],
+                 on_association_end: Callable[[str, str], None]):
+        self.config = config
+        self.spool = spool
+        self.on_instance = on_instance
+        self.on_association_end = on_association_end
+        self._server = None
+        self._ae: AE | None = None
+        self._assocs: dict[int, _Association] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start serving in background threads (returns at once)."""
+        pynetdicom_tuning.apply()
+        self.spool.sweep_tmp()
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = self.config.max_pdu
+        ae.maximum_associations = self.config.max_associations
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        pynetdicom_tuning.set_incoming_dir(ae, self.spool.incoming)
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+            (evt.EVT_CONN_CLOSE, self._on_end),
+        ]
+        self._ae = ae
+        self._server = ae.start_server((self.config.dicom_host, self.config.dicom_port),
+                                       block=False, evt_handlers=handlers)
+        LOG.info("listening as %s on %s:%d", self.config.ae_title, self.config.dicom_host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            LOG.info("listener stopped")
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("listener is not started")
+        return self._server.server_address[1]
+
+    # -- handlers: one small function per event ----------------------------------------------
+    def _on_conn_open(self, event) -> None:
+        pynetdicom_tuning.tune_socket(event.assoc.dul.socket.socket)
+
+    def _on_requested(self, event) -> None:
+        """Refuse callers not on the allow-list before anything is negotiated."""
+        ae_title = _calling_ae(event)
+        address = event.assoc.requestor.address
+        if not self.config.is_allowed(ae_title, address):
+            LOG.warning("rejected association from %r at %s: not on the allow-list", ae_title, address)
+            event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+            event.assoc.kill()  # as pynetdicom's own rejections do: wait until the RJ is sent
+
+    def _on_accepted(self, event) -> None:
+        record = _Association(uuid.uuid4().hex, _calling_ae(event), event.assoc.requestor.address)
+        with self._lock:
+            self._assocs[id(event.assoc)] = record
+        LOG.info("association %s from %s at %s accepted", record.association_id, record.calling_ae,
+                 record.peer_address)
+
+    def _on_echo(self, event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event) -> int:
+        """Persist one instance, index it, and only then acknowledge."""
+        record = self._assocs.get(id(event.assoc))
+        if record is None:  # cannot happen for an accepted association; refuse rather than guess
+            return STATUS_OUT_OF_RESOURCES
+        sop = str(event.request.AffectedSOPInstanceUID or "")
+        started = time.monotonic()
+        try:
+            self._check_size(event.dataset_path)
+            stored = self.spool.store(event.dataset_path, calling_ae=record.calling_ae,
+                                      peer_address=record.peer_address,
+                                      association_id=record.association_id,
+                                      expected_sop_instance_uid=sop)
+        except SpoolError as exc:
+            record.failed += 1
+            status = _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND)
+            LOG.warning("instance %s refused (0x%04X): %s", _safe_uid(sop), status, exc)
+            return status
+        except OSError as exc:
+            record.failed += 1
+            LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), exc.strerror or exc)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            self.on_instance(stored)
+        except Exception as exc:  # noqa: BLE001 - any index failure must become a failure status
+            record.failed += 1
+            self.spool.remove(stored.path)
+            LOG.error("instance %s of series %s not indexed, file removed (0xA700): %s",
+                      stored.sop_instance_uid, stored.series_uid, type(exc).__name__)
+            return STATUS_OUT_OF_RESOURCES
+        record.stored += 1
+        record.bytes += stored.size
+        LOG.debug("stored %s of series %s, %d bytes in %.1f ms", stored.sop_instance_uid,
+                  stored.series_uid, stored.size, (time.monotonic() - started) * 1000)
+        return STATUS_SUCCESS
+
+    def _check_size(self, path: Path) -> None:
+        size = Path(path).stat().st_size
+        if size > self.config.max_instance_bytes:
+            raise InstanceTooLarge(
+                f"instance of {size} bytes exceeds max_instance_bytes {self.config.max_instance_bytes}")
+
+    def _on_end(self, event) -> None:
+        """Note the end of an accepted association once (released, aborted or closed)."""
+        with self._lock:
+            record = self._assocs.pop(id(event.assoc), None)
+        if record is None:
+            return
+        seconds = time.monotonic() - record.started
+        LOG.info("association %s from %s ended (%s): %d stored, %d refused, %.1f MB in %.2f s",
+                 record.association_id, record.calling_ae, event.event.name.removeprefix("EVT_"),
+                 record.stored, record.failed, record.bytes / 1e6, seconds)
+        try:
+            self.on_association_end(record.association_id, record.calling_ae)
+        except Exception:
+            LOG.exception("on_association_end failed for association %s", record.association_id)
+
+
+def _calling_ae(event) -> str:
+    title = event.assoc.requestor.ae_title
+    if not title and event.assoc.requestor.primitive is not None:
+        title = event.assoc.requestor.primitive.calling_ae_title
+    return str(title or "").strip()
+
+
+def _safe_uid(text: str) -> str:
+    """A UID for a log line: printable, bounded (the peer chose it)."""
+    return text[:80].encode("ascii", "backslashreplace").decode()
+
+
+def spool_for(config: Config) -> Spool:
+    """The spool configured for this node."""
+    return Spool(Path(config.spool_path), config.min_free_bytes,
+                 max_instance_bytes=config.max_instance_bytes)

@@ -1,0 +1,320 @@
+"""The spool: received instances as Part 10 files under `<root>/<study>/<series>/<sop>.dcm`.
+
+One job: put a file on disk durably and atomically and say what it is. A file appears under
+its final name only complete and fsynced (tmp file or pynetdicom's incoming file, fsync,
+rename, fsync of the directory), so a crash leaves either the old state or the new one, plus
+tmp leftovers that `sweep_tmp` removes at start-up. UIDs are validated before they become
+path components. The header is parsed without pixel data; nothing here holds an instance
+whole in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LEN = 64
+INCOMING_DIR = ".incoming"  # the network layer's temp files: same filesystem, so rename not copy
+TMP_SUFFIX = ".tmp"
+INSTANCE_SUFFIX = ".dcm"
+COPY_CHUNK = 8 * 1024 * 1024
+DEFER_SIZE = 4096  # header values above this stay on disk while parsing
+
+# Only these elements are read from the header (everything else is skipped by seeking).
+HEADER_KEYWORDS = (
+    "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "StudyDate",
+    "AccessionNumber", "Modality", "StudyDescription", "SeriesDescription", "PatientName",
+    "PatientID", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber",
+    "NumberOfFrames",
+)
+HEADER_TAGS = [Tag(k) for k in HEADER_KEYWORDS]
+
+
+class SpoolError(Exception):
+    """An instance the spool refuses; the message names UIDs only, never patient data."""
+
+
+class InvalidUid(SpoolError):
+    """A UID that is missing, malformed, too long, or would escape the spool as a path."""
+
+
+class UnreadableInstance(SpoolError):
+    """Data that does not parse as a DICOM dataset."""
+
+
+class UidMismatch(SpoolError):
+    """The dataset's SOP Instance UID differs from the one the sender announced."""
+
+
+class OutOfSpace(SpoolError):
+    """Free disk below the configured watermark."""
+
+
+class InstanceTooLarge(SpoolError):
+    """An instance above the configured size limit."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Everything the state DB and routing need about one stored instance; from the header only.
+
+    patient_name, patient_id, accession and study_date go to the DB for the worklist and are
+    never logged.
+    """
+
+    path: Path
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    modality: str
+    body_part: str
+    descriptions: tuple[str, ...]  # study description, series description
+    image_type: tuple[str, ...]
+    instance_number: int | None
+    number_of_frames: int | None
+    patient_name: str
+    patient_id: str
+    accession: str
+    study_date: str
+    calling_ae: str
+    peer_address: str
+    association_id: str
+    received_at: float
+
+
+def validate_uid(uid: object, what: str) -> str:
+    """Return `uid` if it is a well-formed DICOM UID usable as a path component, else raise."""
+    text = str(uid or "").strip().rstrip("\x00")
+    if not text:
+        raise InvalidUid(f"{what} is missing")
+    if len(text) > UID_MAX_LEN or not UID_RE.fullmatch(text):
+        shown = text[:80].encode("ascii", "backslashreplace").decode()
+        raise InvalidUid(f"{what} {shown!r} is not a valid UID (digits and dots, at most 64 characters)")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _text(ds, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _int_or_none(ds, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _multi(ds, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+class Spool:
+    """Files on disk under `root/<study>/<series>/<sop>.dcm`, written atomically and durably."""
+
+    def __init__(self, root: Path, min_free_bytes: int, *, max_instance_bytes: int | None = None):
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.max_instance_bytes = max_instance_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming = self.root / INCOMING_DIR
+        self.incoming.mkdir(exist_ok=True)
+        self._known_dirs: set[Path] = set()
+        self._dir_lock = threading.Lock()
+
+    # -- paths -------------------------------------------------------------------------------
+    def path_for(self, study: str, series: str, sop: str) -> Path:
+        """The final path of an instance; the UIDs are validated before they touch a path."""
+        study = validate_uid(study, "Study Instance UID")
+        series = validate_uid(series, "Series Instance UID")
+        sop = validate_uid(sop, "SOP Instance UID")
+        return self.root / study / series / (sop + INSTANCE_SUFFIX)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create `directory` (two levels below root) and make the new entries durable."""
+        if directory in self._known_dirs:
+            return
+        with self._dir_lock:
+            for d in (directory.parent, directory):
+                if d in self._known_dirs:
+                    continue
+                try:
+                    d.mkdir()
+                    _fsync_dir(d.parent)
+                except FileExistsError:
+                    pass
+                self._known_dirs.add(d)
+
+    # -- checks ------------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def check_capacity(self, size: int) -> None:
+        """Raise when an instance of `size` bytes must be refused (size limit, disk watermark)."""
+        if self.max_instance_bytes is not None and size > self.max_instance_bytes:
+            raise InstanceTooLarge(f"instance of {size} bytes exceeds the limit of {self.max_instance_bytes}")
+        free = self.free_bytes()
+        if free < self.min_free_bytes:
+            raise OutOfSpace(f"free disk {free} bytes is below the watermark of {self.min_free_bytes}")
+
+    # -- reading -----------------------------------------------------------------------------
+    def read_header(self, path: Path):
+        """Parse the header of a Part 10 file, skipping pixel data and large values."""
+        try:
+            ds = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE,
+                         specific_tags=HEADER_TAGS)
+            # Touch the values now so a malformed element fails here, not later.
+            for keyword in HEADER_KEYWORDS:
+                ds.get(keyword)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
+                NotImplementedError, OverflowError) as exc:
+            raise UnreadableInstance(f"dataset does not parse: {type(exc).__name__}") from exc
+        return ds, ts
+
+    # -- storing -----------------------------------------------------------------------------
+    def store(self, source: Path, *, calling_ae: str = "", peer_address: str = "",
+              association_id: str = "", expected_sop_instance_uid: str | None = None,
+              received_at: float | None = None, move: bool = True) -> StoredInstance:
+        """Put the Part 10 file `source` into the spool and describe it.
+
+        `move=True` renames `source` into place when it is on the same filesystem (the
+        network layer's incoming file); otherwise its bytes are copied into a tmp file next
+        to the final name. Either way: fsync the file, rename, fsync the directory. On any
+        refusal nothing is left under the final name; `source` stays for its owner to delete.
+        """
+        source = Path(source)
+        size = source.stat().st_size
+        self.check_capacity(size)
+        ds, transfer_syntax = self.read_header(source)
+        sop = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+        if expected_sop_instance_uid is not None and sop != str(expected_sop_instance_uid).strip():
+            raise UidMismatch(
+                f"dataset SOP Instance UID {sop} differs from the command's {expected_sop_instance_uid}")
+        final = self.path_for(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), sop)
+        self._ensure_dir(final.parent)
+        if move:
+            try:
+                _fsync_file(source)
+                os.rename(source, final)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_into(source, final)
+        else:
+            self._copy_into(source, final)
+        _fsync_dir(final.parent)
+        return StoredInstance(
+            path=final, size=size,
+            sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOP Class UID"),
+            sop_instance_uid=sop, series_uid=final.parent.name, study_uid=final.parent.parent.name,
+            transfer_syntax=transfer_syntax, modality=_text(ds, "Modality"),
+            body_part=_text(ds, "BodyPartExamined"),
+            descriptions=(_text(ds, "StudyDescription"), _text(ds, "SeriesDescription")),
+            image_type=_multi(ds, "ImageType"), instance_number=_int_or_none(ds, "InstanceNumber"),
+            number_of_frames=_int_or_none(ds, "NumberOfFrames"),
+            patient_name=_text(ds, "PatientName"), patient_id=_text(ds, "PatientID"),
+            accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
+            calling_ae=calling_ae, peer_address=peer_address, association_id=association_id,
+            received_at=time.time() if received_at is None else received_at,
+        )
+
+    def _copy_into(self, source: Path, final: Path) -> None:
+        """Copy without loading: kernel copy into a tmp file beside `final`, fsync, rename."""
+        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+        try:
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)  # uses sendfile on Linux where possible
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def remove(self, path: Path) -> None:
+        """Remove one stored instance (e.g. when indexing it failed) and make that durable."""
+        path = Path(path)
+        if self.root not in path.parents:
+            raise ValueError(f"{path} is not inside the spool")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            _fsync_dir(path.parent)
+
+    def remove_series(self, study: str, series: str) -> None:
+        directory = self.path_for(study, series, "0").parent
+        with self._dir_lock:
+            self._known_dirs.discard(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _fsync_dir(directory.parent)
+            with contextlib.suppress(OSError):  # only when empty
+                directory.parent.rmdir()
+                self._known_dirs.discard(directory.parent)
+                _fsync_dir(self.root)
+
+    def sweep_tmp(self) -> int:
+        """Remove leftovers of interrupted writes; partial files never count. Returns the count."""
+        removed = 0
+        for p in list(self.incoming.iterdir()):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+        for p in self.root.glob(f"*/*/.*{TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+        return removed
+
+    def iter_instances(self) -> Iterator[Path]:
+        """Every complete instance on disk, for reconciling the DB with the spool after a crash."""
+        for study in sorted(self.root.iterdir()):
+            if study.name.startswith(".") or not study.is_dir():
+                continue
+            for series in sorted(study.iterdir()):
+                if not series.is_dir():
+                    continue
+                for f in sorted(series.iterdir()):
+                    if f.suffix == INSTANCE_SUFFIX and not f.name.startswith("."):
+                        yield f
