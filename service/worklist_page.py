@@ -1,0 +1,159 @@
+"""The radiologists' worklist: one row per study with the AI verdict, live, no external assets.
+
+`worklist_routes(store)` returns Starlette routes for the page (`/`), a study's detail page
+(`/view/{study_uid}`), its key image (`/studies/{study_uid}/key-image.png`) and the CSS/JS in
+`service/static/`. The pages poll the HTTP API (`GET /studies`, `GET /studies/{uid}`) every
+2 s and build the DOM with `textContent` only; the first paint comes from a JSON data island
+in the page, escaped so that no value can close the script element. Patient data is shown,
+never logged.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).with_name("static")
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+POLL_MS = 2000
+
+PAGE_HEADERS = {
+    "content-security-policy": ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                "script-src 'self'; connect-src 'self'; object-src 'none'; "
+                                "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+}
+
+
+class WorklistSource(Protocol):
+    """What the page reads; the node's state DB provides it (rows as in `GET /studies`)."""
+
+    def studies(self) -> list[dict]: ...
+
+    def study(self, study_uid: str) -> dict | None: ...
+
+    def key_image_png(self, study_uid: str) -> bytes | None: ...
+
+
+def worklist_order(row: dict) -> tuple:
+    """Positive findings first, then not analysed, then everything else; newest first within."""
+    if row.get("present") is True:
+        group = 0
+    elif is_not_analysed(row):
+        group = 1
+    else:
+        group = 2
+    return (group, -(row.get("received_at") or 0))
+
+
+def is_not_analysed(row: dict) -> bool:
+    state = str(row.get("state") or "").lower().replace(" ", "_").replace("-", "_")
+    return state == "not_analysed" or (row.get("present") is None and bool(row.get("reason"))
+                                       and state in ("done", "delivered", "failed"))
+
+
+def _data_island(element_id: str, data: Any) -> str:
+    """JSON inside <script type="application/json">: <, > and & escaped so it cannot break out."""
+    text = json.dumps(data, default=str, ensure_ascii=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return f'<script id="{element_id}" type="application/json">{text}</script>'
+
+
+def _shell(title: str, page: str, body: str, data: Any, api: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/static/worklist.css">
+</head>
+<body data-page="{html.escape(page, quote=True)}" data-api="{html.escape(api, quote=True)}"
+ data-poll-ms="{POLL_MS}">
+<header class="top">
+ <a class="brand" href="/"><span class="logo">befund</span> AI worklist</a>
+ <span id="live" class="live" title="updates every {POLL_MS // 1000} s">connecting</span>
+ <a class="logout" href="/logout">Sign out</a>
+</header>
+<main>
+{body}
+<noscript><p class="notice">This worklist needs JavaScript to update itself.</p></noscript>
+</main>
+<footer>AI results are preliminary and unverified; the radiologist's read decides.</footer>
+{_data_island("initial-data", data)}
+<script src="/static/worklist.js" defer></script>
+</body></html>
+"""
+
+
+WORKLIST_BODY = """<section class="summary" aria-live="polite">
+ <span id="count-positive" class="pill pill-positive">0 positive</span>
+ <span id="count-not-analysed" class="pill pill-na">0 not analysed</span>
+ <span id="count-total" class="pill">0 studies</span>
+ <input id="filter" type="search" placeholder="Filter: patient, accession, modality"
+  aria-label="Filter the worklist">
+ <span id="updated" class="updated"></span>
+</section>
+<table class="worklist" id="worklist">
+ <thead><tr>
+  <th class="c-img">Key image</th><th>AI finding</th><th>Certainty</th><th>Patient</th>
+  <th>Accession</th><th>Modality</th><th>Received</th><th>Model</th><th>State</th>
+ </tr></thead>
+ <tbody id="rows"></tbody>
+</table>
+<p id="empty" class="empty" hidden>No studies yet. Studies appear here as the PACS sends them.</p>
+"""
+
+DETAIL_BODY = """<p class="back"><a href="/">&larr; Worklist</a></p>
+<section id="study" class="detail"></section>
+"""
+
+
+def _page(content: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(content, status_code=status, headers=PAGE_HEADERS)
+
+
+def _not_found(what: str) -> HTMLResponse:
+    body = f'<p class="back"><a href="/">&larr; Worklist</a></p><p class="notice">{html.escape(what)}</p>'
+    return _page(_shell("befund - not found", "missing", body, None, ""), 404)
+
+
+def worklist_routes(store: WorklistSource) -> list[BaseRoute]:
+    """Routes for the worklist page, the detail page, key images and static assets."""
+
+    async def worklist(request: Request) -> Response:
+        rows = sorted(store.studies(), key=worklist_order)
+        return _page(_shell("befund - AI worklist", "worklist", WORKLIST_BODY, {"studies": rows}, "/studies"))
+
+    async def detail(request: Request) -> Response:
+        uid = request.path_params["study_uid"]
+        study = store.study(uid) if UID_RE.match(uid) else None
+        if study is None:
+            return _not_found(f"Study {uid} is not on this node.")
+        return _page(_shell("befund - study", "detail", DETAIL_BODY, study, f"/studies/{uid}"))
+
+    async def key_image(request: Request) -> Response:
+        uid = request.path_params["study_uid"]
+        png = store.key_image_png(uid) if UID_RE.match(uid) else None
+        if png is None:
+            return Response(b"", status_code=404)
+        return Response(png, media_type="image/png",
+                        headers={"cache-control": "private, max-age=60", "x-content-type-options": "nosniff"})
+
+    return [
+        Route("/", worklist, methods=["GET"], name="worklist"),
+        Route("/view/{study_uid}", detail, methods=["GET"], name="study_view"),
+        Route("/studies/{study_uid}/key-image.png", key_image, methods=["GET"], name="key_image"),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
