@@ -1,0 +1,62 @@
+# befund: `make run` starts the node, `make test` runs the suite. Nothing else is needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := dcmtk dicom3tools orthanc chromium
+# Binaries that tell whether each Debian package is present.
+APT_PROBES := storescu dciodvfy Orthanc chromium
+
+.PHONY: run test lint demo bench train-ich train-wsi bento system-deps clean
+
+$(BIN)/befund: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip<27"
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.dev-installed: requirements-dev.lock $(BIN)/befund
+	$(BIN)/pip install -q -r requirements-dev.lock
+	touch $@
+
+run: $(BIN)/befund
+	$(BIN)/befund serve
+
+system-deps:
+	@missing=0; for b in $(APT_PROBES); do command -v $$b >/dev/null || { test -x /usr/sbin/$$b || missing=1; }; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing Debian packages: $(APT_PACKAGES)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+test: system-deps $(VENV)/.dev-installed
+	$(BIN)/ruff check service pipelines phantoms models benchmarks tests
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check service pipelines phantoms models benchmarks tests
+
+bench: system-deps $(VENV)/.dev-installed
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/time_to_result.py
+	$(BIN)/python benchmarks/model_service.py
+
+# Training needs PyTorch, which never enters the product's venv.
+.train-venv/bin/python: requirements-train.txt
+	$(PYTHON) -m venv .train-venv
+	.train-venv/bin/pip install -q -r requirements-train.txt
+	touch $@
+
+train-ich: .train-venv/bin/python
+	PYTHONPATH=. .train-venv/bin/python models/ich_ct/train.py
+
+train-wsi: .train-venv/bin/python
+	PYTHONPATH=. .train-venv/bin/python models/tumor_wsi/train.py
+
+bento: $(BIN)/befund
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) .train-venv var benchmarks/out tests/artifacts

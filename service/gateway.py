@@ -1,0 +1,48 @@
+"""The gateway service (BentoML, one worker): DICOM listener, state, jobs, outbox, HTTP API.
+
+One worker only: several workers of a service that opens port 11112 fight over the port.
+It does I/O, not pixels; pixels go to the model service, called through `bentoml.depends`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import bentoml
+
+from service.config import load_config
+from service.http_api import build_app
+from service.logging_setup import configure_logging
+from service.model_service import ModelService
+from service.node import Node
+
+log = logging.getLogger("befund.gateway")
+
+app = build_app()
+
+
+@bentoml.service(name="befund", workers=1, traffic={"timeout": 60})
+@bentoml.asgi_app(app, path="/")
+class Gateway:
+    models = bentoml.depends(ModelService)
+
+    def __init__(self) -> None:
+        configure_logging()
+        self.node = Node(load_config())
+        self.node.start_receiving()
+
+    @bentoml.on_startup
+    async def start_jobs(self) -> None:
+        loop = asyncio.get_running_loop()
+        client = self.models
+
+        def analyse(model_key: str, paths: list[str]) -> dict:
+            call = client.to_async.call("analyse", model=model_key, paths=paths)
+            return asyncio.run_coroutine_threadsafe(call, loop).result()
+
+        self.node.start_jobs(analyse)
+
+    @bentoml.on_shutdown
+    def stop(self) -> None:
+        self.node.stop()

@@ -1,0 +1,32 @@
+"""Prometheus metrics, all named `befund_*`. One place, so dashboards have one list to read."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+INSTANCES_RECEIVED = Counter(
+    "befund_instances_received_total", "Instances durably stored and acknowledged", ["modality"])
+BYTES_RECEIVED = Counter("befund_bytes_received_total", "Bytes of acknowledged instances")
+INSTANCES_REJECTED = Counter(
+    "befund_instances_rejected_total", "C-STORE requests answered with a failure status", ["reason"])
+ASSOCIATIONS = Counter("befund_associations_total", "DICOM associations", ["outcome"])
+SERIES_COMPLETED = Counter(
+    "befund_series_completed_total", "Series declared complete, by signal", ["signal"])
+JOBS = Gauge("befund_jobs", "Jobs by state", ["state"])
+JOB_OUTCOMES = Counter("befund_job_outcomes_total", "Finished jobs", ["model", "outcome"])
+STAGE_SECONDS = Histogram(
+    "befund_stage_duration_seconds", "Duration of a pipeline stage", ["model", "stage"],
+    buckets=STAGE_BUCKETS)
+TIME_TO_RESULT = Histogram(
+    "befund_time_to_result_seconds",
+    "From series complete to result accepted by the destination", ["model", "kind"],
+    buckets=STAGE_BUCKETS)
+DELIVERIES = Counter("befund_deliveries_total", "Delivery attempts", ["kind", "outcome"])
+OUTBOX_PENDING = Gauge("befund_outbox", "Outbox entries by state", ["state"])
+WSI_TILES = Counter("befund_wsi_tiles_analysed_total", "Tissue tiles analysed", ["model"])
+WSI_TISSUE_FRACTION = Histogram(
+    "befund_wsi_tissue_fraction", "Fraction of the slide's tile grid that holds tissue",
+    buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
+FINDINGS = Counter("befund_findings_total", "Analysed results by verdict", ["model", "verdict"])

@@ -1,0 +1,174 @@
+"""The node: wires receive -> state DB -> completion -> jobs -> outbox, and holds them for the API.
+
+The gateway service builds one Node per process. Receiving starts at once; the job runner
+starts when the model service can be called. A restart reconciles the spool with the state
+DB, so an instance that was written but not yet indexed when the node died is not lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from pipelines.model_card import ModelCard, load_cards
+from service import metrics
+from service.completion_watcher import CompletionWatcher
+from service.config import Config
+from service.dicom_listener import DicomListener
+from service.job_runner import Analyse, JobRunner
+from service.outbox import Outbox
+from service.spool import Spool, StoredInstance
+from service.state_db import StateDB
+
+log = logging.getLogger("befund.node")
+
+_current: Node | None = None
+
+
+def current_node() -> Node:
+    if _current is None:
+        raise RuntimeError("the node is not started")
+    return _current
+
+
+def load_or_create_token(config: Config) -> str:
+    """The HTTP API token: from config, else generated once and kept in var/token (0600)."""
+    if config.token:
+        return config.token
+    path = config.var_path / "token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class Node:
+    def __init__(self, config: Config, cards: list[ModelCard] | None = None):
+        global _current
+        self.config = config
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        config.var_path.mkdir(parents=True, exist_ok=True)
+        self.token = load_or_create_token(config)
+        self.cards = cards if cards is not None else load_cards(config.models_dir)
+        self.db = StateDB(config.db_path)
+        self.spool = Spool(config.spool_path, config.min_free_bytes,
+                           max_instance_bytes=config.max_instance_bytes)
+        self.outbox = Outbox(self.db, config, tls_context=self._client_tls())
+        self.completion = CompletionWatcher(self.db, self.cards, config.settle_s, config.quiet_s,
+                                            on_jobs=self._jobs_created)
+        self.listener = DicomListener(config, self.spool, self._on_instance,
+                                      self._on_association_end)
+        self.runner: JobRunner | None = None
+        self._metrics_stop = threading.Event()
+        _current = self
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start_receiving(self) -> None:
+        self.spool.sweep_tmp()
+        self.reconcile_spool()
+        self.listener.start()
+        self.completion.start()
+        self.outbox.start()
+        threading.Thread(target=self._refresh_gauges, name="gauges", daemon=True).start()
+        log.info("DICOM listener %s on port %d; %d model(s): %s", self.config.ae_title,
+                 self.listener.port, len(self.cards), ", ".join(c.key for c in self.cards))
+
+    def start_jobs(self, analyse: Analyse) -> None:
+        self.runner = JobRunner(self.db, {c.key: c for c in self.cards}, analyse, self.config,
+                                self.owner, on_queued=self.outbox.wake.set)
+        self.runner.start()
+
+    def stop(self) -> None:
+        self._metrics_stop.set()
+        self.listener.stop()
+        self.completion.stop()
+        if self.runner:
+            self.runner.stop()
+        self.outbox.stop()
+        self.db.close()
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _on_instance(self, inst: StoredInstance) -> None:
+        new = self.db.record_instance(inst)
+        if new:
+            metrics.INSTANCES_RECEIVED.labels(inst.modality or "unknown").inc()
+            metrics.BYTES_RECEIVED.inc(inst.size)
+
+    def _on_association_end(self, association_id: str, calling_ae: str) -> None:
+        self.db.record_association_end(association_id, time.time())
+        self.completion.wake.set()
+
+    def _jobs_created(self) -> None:
+        if self.runner:
+            self.runner.wake.set()
+
+    def request_run(self, study_uid: str) -> int:
+        n = self.db.request_run(study_uid)
+        self.completion.wake.set()
+        return n
+
+    def resend(self, delivery_id: int) -> bool:
+        ok = self.db.resend(delivery_id)
+        self.outbox.wake.set()
+        return ok
+
+    # --- recovery ------------------------------------------------------------------------------
+
+    def reconcile_spool(self) -> int:
+        """Index spool files that have no row (the node died between rename and commit)."""
+        known = {r["path"] for r in self.db.query("SELECT path FROM instances")}
+        added = 0
+        for path in self.spool.iter_instances():
+            if str(path) in known:
+                continue
+            try:
+                inst = self.spool.store(path, association_id="recovered", move=True)
+            except Exception as exc:  # noqa: BLE001 - a broken leftover must not stop start-up
+                log.warning("spool file %s cannot be read (%s); left in place", path.name, exc)
+                continue
+            self.db.record_instance(inst)
+            self.db.record_association_end("recovered", time.time())
+            added += 1
+        if added:
+            log.info("recovered %d spooled instance(s) that were not yet indexed", added)
+        return added
+
+    def _client_tls(self):  # noqa: ANN202 - ssl.SSLContext | None
+        tls = self.config.tls
+        if not (tls.enabled and tls.ca):
+            return None
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+        ctx.check_hostname = False
+        if tls.cert and tls.key:
+            ctx.load_cert_chain(tls.cert, tls.key)
+        return ctx
+
+    def _refresh_gauges(self) -> None:
+        while not self._metrics_stop.wait(2.0):
+            try:
+                counts = self.db.job_counts()
+                for state in ("queued", "running", "done", "not_analysed", "failed"):
+                    metrics.JOBS.labels(state).set(counts.get(state, 0))
+                rows = self.db.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
+                by_state = {r["state"]: r["n"] for r in rows}
+                for state in ("pending", "delivered", "dead"):
+                    metrics.OUTBOX_PENDING.labels(state).set(by_state.get(state, 0))
+            except Exception:  # noqa: BLE001 - metrics must never take the node down
+                log.debug("gauge refresh failed", exc_info=True)
+
+
+def models_root() -> Path:
+    return Path(__file__).resolve().parent.parent / "models"

@@ -1,0 +1,56 @@
+"""Which models take a series: the model cards' selectors decide, no code per model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.model_card import ModelCard
+
+# Series we produce or that carry no pixels for analysis: never routed, never flagged.
+RESULT_MODALITIES = frozenset({"SR", "SEG", "KO", "PR", "RTSTRUCT", "DOC"})
+
+PRIORITY = {"high": 10, "normal": 0, "low": -10}
+
+
+@dataclass(frozen=True)
+class Route:
+    cards: tuple[ModelCard, ...]
+    reason: str  # why no model took the series ('' when some did)
+    ignored: bool = False  # result objects and the like: no job and no "not analysed" flag
+
+
+def series_facts(series: dict[str, Any]) -> dict[str, Any]:
+    """The routing view of a series row from the state DB."""
+    return {
+        "modality": series.get("modality") or "",
+        "sop_class_uid": series.get("sop_class_uid") or "",
+        "body_part": series.get("body_part") or "",
+        "descriptions": tuple(json.loads(series.get("descriptions") or "[]")),
+        "image_type": tuple(json.loads(series.get("image_type") or "[]")),
+        "instance_count": series.get("instance_count") or 0,
+    }
+
+
+def route_series(series: dict[str, Any], cards: list[ModelCard]) -> Route:
+    facts = series_facts(series)
+    if facts["modality"].upper() in RESULT_MODALITIES:
+        return Route((), f"{facts['modality']} series are results, not images", ignored=True)
+    taken, reasons = [], []
+    for card in cards:
+        why = card.selector.mismatch(facts)
+        if why:
+            reasons.append(f"{card.name}: {why}")
+        else:
+            taken.append(card)
+    if taken:
+        return Route(tuple(taken), "")
+    summary = f"{facts['modality'] or 'unknown modality'}"
+    if facts["body_part"]:
+        summary += f", {facts['body_part']}"
+    return Route((), f"no model takes this series ({summary}): " + "; ".join(reasons))
+
+
+def job_priority(card: ModelCard) -> int:
+    return PRIORITY.get(card.postprocessing.priority_when_positive, 0)

@@ -1,0 +1,134 @@
+"""One status per study for the API and the worklist, derived from series, jobs and deliveries.
+
+States: receiving, waiting, running, done, delivered, not analysed (with reason), delivery
+failed. A study never shows as negative unless a model analysed it and said so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from service.state_db import StateDB
+
+STATE_ORDER = ["receiving", "waiting", "running", "delivery failed", "not analysed", "done",
+               "delivered"]
+
+
+def _latest_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest run per (series, model version)."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for job in jobs:
+        key = (job["series_uid"], job["model_name"], job["model_version"])
+        if key not in latest or job["run"] > latest[key]["run"]:
+            latest[key] = job
+    return list(latest.values())
+
+
+def job_view(job: dict[str, Any]) -> dict[str, Any]:
+    result = json.loads(job.get("result") or "{}")
+    return {
+        "id": job["id"], "series_uid": job["series_uid"], "model": job["model_name"],
+        "model_version": job["model_version"], "run": job["run"], "state": job["state"],
+        "attempts": job["attempts"], "last_error": job["last_error"],
+        "present": result.get("present"), "certainty": result.get("certainty"),
+        "score": result.get("score"), "threshold": result.get("threshold"),
+        "reason": result.get("reason") or "", "finding": result.get("finding"),
+        "priority": result.get("priority") or "normal",
+        "measurements": result.get("measurements") or {},
+        "key_images": result.get("key_images") or [],
+        "timings": result.get("timings") or {},
+        "created_at": job["created_at"], "finished_at": job["finished_at"],
+    }
+
+
+def delivery_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("id", "job_id", "kind", "destination", "state", "attempts",
+                                "last_error", "next_attempt_at", "created_at", "delivered_at")}
+
+
+def _job_state(job: dict[str, Any], deliveries: list[dict[str, Any]]) -> tuple[str, str]:
+    mine = [d for d in deliveries if d["job_id"] == job["id"]]
+    result = json.loads(job.get("result") or "{}")
+    if job["state"] == "queued":
+        return "waiting", ""
+    if job["state"] == "running":
+        return "running", ""
+    if job["state"] in ("not_analysed", "failed"):
+        return "not analysed", result.get("reason") or job["last_error"] or "analysis failed"
+    if any(d["state"] == "dead" for d in mine):
+        bad = next(d for d in mine if d["state"] == "dead")
+        return "delivery failed", f"{bad['kind']} to {bad['destination']}: {bad['last_error']}"
+    if mine and all(d["state"] == "delivered" for d in mine):
+        return "delivered", ""
+    return "done", ""
+
+
+def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
+              now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    uid = study["study_uid"]
+    series = db.series_of(uid)
+    jobs = _latest_jobs(db.jobs_of(uid))
+    deliveries = db.deliveries_of(uid)
+    states: list[tuple[str, str]] = []
+    for s in series:
+        if s["state"] == "receiving":
+            recent = now - (s["last_received_at"] or 0) < settle_s + 1.0
+            states.append(("receiving" if recent else "waiting", ""))
+        elif s["state"] == "no_model" and not any(j["series_uid"] == s["series_uid"] for j in jobs):
+            states.append(("not analysed", s["reason"]))
+    states.extend(_job_state(j, deliveries) for j in jobs)
+    if not states:
+        states = [("not analysed", "no image series in this study")]
+    state, reason = min(states, key=lambda sr: STATE_ORDER.index(sr[0]))
+    # The verdict comes from the analysed jobs; a positive one outranks negatives.
+    views = [job_view(j) for j in jobs]
+    analysed = [v for v in views if v["present"] is not None and v["state"] == "done"]
+    lead = (max(analysed, key=lambda v: (bool(v["present"]), v["certainty"] or 0))
+            if analysed else (views[-1] if views else None))
+    modality = ",".join(sorted({s["modality"] for s in series if s["modality"]} - {"SR", "SEG"}))
+    return {
+        "study_uid": uid,
+        "patient_name": study.get("patient_name") or "",
+        "patient_id": study.get("patient_id") or "",
+        "accession": study.get("accession") or "",
+        "study_date": study.get("study_date") or "",
+        "modality": modality,
+        "received_at": study["first_received_at"],
+        "updated_at": study["updated_at"],
+        "state": state,
+        "reason": reason,
+        "model": lead["model"] if lead else None,
+        "model_version": lead["model_version"] if lead else None,
+        "run": lead["run"] if lead else None,
+        "present": lead["present"] if lead else None,
+        "certainty": lead["certainty"] if lead else None,
+        "score": lead["score"] if lead else None,
+        "priority": lead["priority"] if lead and lead["present"] else "normal",
+        "key_image": f"/studies/{uid}/key-image.png" if lead and lead["key_images"] else None,
+        "series_count": len(series),
+        "instance_count": sum(s["instance_count"] for s in series),
+    }
+
+
+def study_detail(db: StateDB, study_uid: str, settle_s: float) -> dict[str, Any] | None:
+    study = db.study(study_uid)
+    if study is None:
+        return None
+    row = study_row(db, study, settle_s)
+    row["series"] = [
+        {"series_uid": s["series_uid"], "modality": s["modality"],
+         "description": " / ".join(json.loads(s["descriptions"] or "[]")),
+         "instance_count": s["instance_count"], "state": s["state"], "reason": s["reason"],
+         "completed_by": s["completed_by"]}
+        for s in db.series_of(study_uid)]
+    row["jobs"] = [job_view(j) for j in db.jobs_of(study_uid)]
+    row["deliveries"] = [delivery_view(d) for d in db.deliveries_of(study_uid)]
+    return row
+
+
+def all_study_rows(db: StateDB, settle_s: float) -> list[dict[str, Any]]:
+    now = time.time()
+    return [study_row(db, s, settle_s, now) for s in db.studies()]

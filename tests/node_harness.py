@@ -1,0 +1,166 @@
+"""Starts the real node (`befund serve`: BentoML gateway + model service) for end-to-end tests.
+
+Each RunningNode gets its own var dir, free DICOM and HTTP ports and a YAML config; it waits
+(poll with a deadline) until the HTTP API answers and the DICOM port accepts a C-ECHO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.dicom_peers import free_port, run_echoscu
+
+PROJECT = Path(__file__).resolve().parent.parent
+BEFUND = Path(sys.executable).parent / "befund"
+TOKEN = "test-token-not-secret"
+
+
+def poll(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Return predicate()'s first truthy value, or raise after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)  # poll interval under a deadline, not a synchronisation sleep
+
+
+class RunningNode:
+    def __init__(self, workdir: Path, pacs: str | None = None, **overrides: Any):
+        self.workdir = Path(workdir)
+        self.var = self.workdir / "var"
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.config: dict[str, Any] = {
+            "ae_title": "BEFUND", "dicom_host": "127.0.0.1", "dicom_port": self.dicom_port,
+            "http_port": self.http_port, "var_dir": str(self.var),
+            "models_dir": str(PROJECT / "models"), "token": TOKEN,
+            "settle_s": 1.0, "quiet_s": 20.0, "job_workers": 1,
+            "delivery": {"initial_backoff_s": 0.5, "max_backoff_s": 2.0},
+        }
+        if pacs:
+            self.config["destinations"] = [pacs]
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(self.config.get(key), dict):
+                self.config[key] = {**self.config[key], **value}
+            else:
+                self.config[key] = value
+        self.config_path = self.workdir / "befund.yaml"
+        self.log_path = self.workdir / "node.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 90.0) -> RunningNode:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
+        env["BEFUND_LOG_LEVEL"] = "INFO"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BEFUND), "serve", "--config", str(self.config_path), "--host", "127.0.0.1"],
+            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self._log = log
+        try:
+            poll(self._ready, timeout, 0.25, "node ready")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
+                if r.status != 200:
+                    return False
+        except (urllib.error.URLError, OSError):
+            return False
+        return run_echoscu(port=self.dicom_port, timeout=10).returncode == 0
+
+    def kill(self) -> None:
+        """kill -9 the whole process group: no shutdown hooks, like a power cut for the node."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._close_log()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> RunningNode:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    # --- HTTP API ------------------------------------------------------------------------------
+
+    def api(self, path: str, method: str = "GET", token: str | None = TOKEN,
+            body: dict | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.url}{path}", method=method, data=data)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        req.add_header("Accept", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                raw = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def study(self, study_uid: str) -> dict | None:
+        status, body = self.api(f"/studies/{study_uid}")
+        return body if status == 200 else None
+
+    def wait_study_state(self, study_uid: str, states: set[str], timeout: float = 60.0) -> dict:
+        def check():
+            s = self.study(study_uid)
+            return s if s and s["state"] in states else None
+
+        try:
+            return poll(check, timeout, 0.2, f"study {study_uid} in {states}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; last: {self.study(study_uid)}\n{self.log_tail()}") from exc
