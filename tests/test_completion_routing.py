@@ -1,0 +1,124 @@
+"""Series completion signals and routing by model-card selectors, on a real SQLite state DB."""
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipelines.model_card import load_card
+from service.completion import completion_signal
+from service.completion_watcher import CompletionWatcher
+from service.routing import route_series
+from service.spool import StoredInstance
+from service.state_db import StateDB
+
+PROJECT = Path(__file__).resolve().parent.parent
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def series_row(**kw):
+    row = {"ready_requested": 0, "last_received_at": 100.0, "association_ended_at": None,
+           "instance_count": 10, "expected_count": None}
+    row.update(kw)
+    return row
+
+
+def test_association_end_plus_settle():
+    s = series_row(association_ended_at=100.5)
+    assert completion_signal(s, 101.0, settle_s=2, quiet_s=30) == ""
+    assert completion_signal(s, 102.6, settle_s=2, quiet_s=30) == "association"
+
+
+def test_instance_after_association_end_waits_for_quiet_timer():
+    s = series_row(association_ended_at=99.0, last_received_at=100.0)
+    assert completion_signal(s, 105.0, settle_s=2, quiet_s=30) == ""
+    assert completion_signal(s, 130.0, settle_s=2, quiet_s=30) == "quiet"
+
+
+def test_api_and_expected_count_win():
+    assert completion_signal(series_row(ready_requested=1), 100.0, 2, 30) == "api"
+    assert completion_signal(series_row(expected_count=10), 100.0, 2, 30) == "expected"
+
+
+@pytest.fixture
+def ich_card():
+    return load_card(PROJECT / "models" / "ich_ct")
+
+
+def facts(**kw):
+    row = {"modality": "CT", "sop_class_uid": CT, "body_part": "HEAD",
+           "descriptions": json.dumps(["", ""]), "image_type": json.dumps(["ORIGINAL", "PRIMARY"]),
+           "instance_count": 40}
+    row.update(kw)
+    return row
+
+
+@pytest.mark.parametrize("body,descriptions,taken", [
+    ("HEAD", ["", ""], True),
+    ("BRAIN", ["", ""], True),
+    ("", ["CT Schaedel nativ", ""], True),
+    ("", ["CCT", "axial 5mm"], True),
+    ("", ["", "Kopf 2.5"], True),
+    ("CHEST", ["Thorax", ""], False),
+    ("", ["", ""], False),
+])
+def test_ich_selector(ich_card, body, descriptions, taken):
+    route = route_series(facts(body_part=body, descriptions=json.dumps(descriptions)), [ich_card])
+    assert bool(route.cards) is taken
+    if not taken:
+        assert "no model takes this series" in route.reason
+
+
+def test_results_and_localizers_are_not_routed(ich_card):
+    assert route_series(facts(modality="SR"), [ich_card]).ignored
+    scout = route_series(facts(image_type=json.dumps(["ORIGINAL", "PRIMARY", "LOCALIZER"])),
+                         [ich_card])
+    assert not scout.cards
+
+
+def instance(series="1.2.3.1", sop="1.2.3.1.1", assoc="a1", **kw):
+    base = StoredInstance(
+        path=Path("/nonexistent") / f"{sop}.dcm", size=100, sop_class_uid=CT,
+        sop_instance_uid=sop, series_uid=series, study_uid="1.2.3", transfer_syntax="1.2.840.10008.1.2.1",
+        modality="CT", body_part="HEAD", descriptions=("", ""), image_type=("ORIGINAL",),
+        instance_number=1, number_of_frames=None, patient_name="X^Y", patient_id="P1",
+        accession="A1", study_date="20260101", calling_ae="SCU", peer_address="127.0.0.1",
+        association_id=assoc, received_at=time.time())
+    return replace(base, **kw)
+
+
+def test_same_instances_again_start_no_new_run_but_late_ones_do(tmp_path, ich_card):
+    db = StateDB(tmp_path / "state.sqlite")
+    for i in range(3):
+        db.record_instance(instance(sop=f"1.2.3.1.{i}"))
+    db.record_association_end("a1", time.time() - 10)
+    created = []
+    watcher = CompletionWatcher(db, [ich_card], settle_s=1, quiet_s=30,
+                                on_jobs=lambda: created.append(1))
+    watcher.tick(time.time())
+    jobs = db.query("SELECT run, instance_count FROM jobs")
+    assert jobs == [{"run": 1, "instance_count": 3}]
+    # The same instances again: duplicates count once, the series completes, no new run.
+    for i in range(3):
+        assert db.record_instance(instance(sop=f"1.2.3.1.{i}", assoc="a2")) is False
+    db.record_association_end("a2", time.time() - 10)
+    db.request_run("1.2.3")
+    watcher.tick(time.time())
+    assert len(db.query("SELECT id FROM jobs")) == 1
+    # A late instance: a new, versioned run.
+    db.record_instance(instance(sop="1.2.3.1.9", assoc="a3"))
+    db.record_association_end("a3", time.time() - 10)
+    watcher.tick(time.time())
+    runs = db.query("SELECT run, instance_count FROM jobs ORDER BY run")
+    assert runs == [{"run": 1, "instance_count": 3}, {"run": 2, "instance_count": 4}]
+
+
+def test_series_no_model_is_flagged_with_reason(tmp_path, ich_card):
+    db = StateDB(tmp_path / "state.sqlite")
+    db.record_instance(instance(body_part="CHEST", descriptions=("Thorax", "")))
+    db.record_association_end("a1", time.time() - 10)
+    CompletionWatcher(db, [ich_card], 1, 30, on_jobs=lambda: None).tick(time.time())
+    row = db.query_one("SELECT state, reason FROM series")
+    assert row["state"] == "no_model" and "CHEST" in row["reason"]
