@@ -11,6 +11,7 @@ that the outbox retries with backoff.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -84,6 +85,17 @@ def _finding_code(job: dict) -> tuple[str, str, str]:
     return (str(value), str(meaning), str(scheme))
 
 
+def _job_view(job: dict) -> dict:
+    """Accept an API job row (model, present, ...) or a state-DB job row (model_name, result)."""
+    result = job.get("result") or {}
+    if isinstance(result, str):
+        result = json.loads(result or "{}")
+    view = dict(result)
+    view.update({k: v for k, v in job.items() if k != "result" and (v is not None or k not in view)})
+    view["model"] = job.get("model") or job.get("model_name") or result.get("model") or ""
+    return view
+
+
 def _segment(*fields: str) -> str:
     return "|".join(fields).rstrip("|")
 
@@ -103,8 +115,10 @@ def build_oru_r01(study: dict, job: dict, *, sending_facility: str, receiving_ap
     `study` is a worklist row (patient_name, patient_id, accession, study_uid, modality);
     `job` is a job row (model, model_version, present, certainty, reason) with the coded
     finding under `finding` ({value, scheme, meaning}); without it the generic
-    (121071, DCM, "Finding") is used. Segments are separated by CR, as HL7 requires.
+    (121071, DCM, "Finding") is used. A state-DB job row (model_name, and the analysis result
+    as a dict or JSON under `result`) is read the same way. Segments are separated by CR, as HL7 requires.
     """
+    job = _job_view(job)
     stamp = _timestamp(now)
     accession = study.get("accession") or ""
     study_uid = study.get("study_uid") or ""
@@ -125,7 +139,7 @@ def build_oru_r01(study: dict, job: dict, *, sending_facility: str, receiving_ap
     # OBR-24 the diagnostic section (the modality), OBR-25 the result status P (preliminary).
     obr = _segment("OBR", "1", "", escape(accession), service, "", "", stamp, "", "", "", "", "",
                    "", "", "", "", "", escape(accession), "", "", "", stamp, "",
-                   escape(study.get("modality") or ""), "P")
+                   escape(study.get("modality") or job.get("modality") or ""), "P")
     # ZDS-1: the Study Instance UID, as IHE Radiology carries it (uid^application^Application^DICOM).
     zds = _segment("ZDS", _components(study_uid, SENDING_APPLICATION, "Application", "DICOM"))
 

@@ -132,6 +132,17 @@ def test_not_analysed_is_a_text_observation_with_the_reason():
     assert not [s for s in got.segments("OBX") if str(s[2]) in ("CWE", "NM")]
 
 
+def test_state_db_job_row_with_result_is_read_like_an_api_row():
+    row = {"id": 7, "model_name": "ich-ct", "model_version": "1.0.0", "state": "done",
+           "result": json.dumps({"analysed": True, "present": True, "certainty": 0.934, "reason": "",
+                                 "finding": ICH})}
+    got = hl7.parse(build_oru_r01(STUDY, row, sending_facility="F", receiving_application="RIS",
+                                  control_id="7", now=NOW))
+    finding = next(s for s in got.segments("OBX") if str(s[3][0][0]) == "1386000")
+    assert str(finding[8]) == "A"
+    assert any(str(s[5]) == "ich-ct" for s in got.segments("OBX"))
+
+
 def test_delimiters_in_values_are_escaped():
     assert escape("a|b^c&d~e\\f") == "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f"
     study = dict(STUDY, accession="A|1\rMSH|evil")
