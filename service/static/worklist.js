@@ -91,13 +91,13 @@
   }
 
   function personName(pn) {
-    // DICOM PN "Family^Given^Middle^Prefix^Suffix" -> "FAMILY, Given Middle"
+    // DICOM PN "Family^Given^Middle^Prefix^Suffix" -> "Family, Prefix Given Middle Suffix"
     const alpha = String(pn || "").split("=")[0];
     const p = alpha.split("^");
     const family = (p[0] || "").trim();
     const rest = [p[3], p[1], p[2], p[4]].filter((x) => x && x.trim()).join(" ");
     if (!family && !rest) return "(no name)";
-    return rest ? family.toUpperCase() + ", " + rest : family.toUpperCase();
+    return rest ? family + ", " + rest : family;
   }
 
   function modelText(row) {
@@ -307,7 +307,7 @@
       });
     }
     if (initial) render(initial);
-    if (api) setTimeout(poll, page === "missing" ? 0 : pollMs);
+    if (api) poll();
     else setLive(true, "");
   }
 
