@@ -1,0 +1,155 @@
+"""Benchmark (c): the BentoML model service's batchable `infer_ct` against raw onnxruntime.
+
+Same batches (a preprocessed 300-slice head-CT phantom in batches of 64), same thread count,
+side by side in one run: slices/s of each and the ratio (goal >= 0.9). Also measures the
+`analyse` endpoint on the same study (paths in, findings out: what the gateway really calls)
+against the in-process pipeline with raw onnxruntime.
+
+    .venv/bin/python benchmarks/model_service.py [--slices 300] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from phantoms.ct_head import write_ct_series  # noqa: E402
+from pipelines.ct_preprocess import preprocess_ct  # noqa: E402
+from pipelines.ct_series import load_ct_series  # noqa: E402
+from pipelines.ct_triage import analyse_ct_series  # noqa: E402
+from pipelines.model_card import load_card  # noqa: E402
+from service.onnx_sessions import Predictor, build_session, default_threads  # noqa: E402
+from tests.dicom_peers import free_port  # noqa: E402
+from tests.node_harness import poll  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "out"
+GOAL = 0.9
+PICKLE = "application/vnd.bentoml+pickle"
+
+
+def start_model_service(var: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "BEFUND_VAR_DIR": str(var), "BEFUND_MODELS_DIR": str(ROOT / "models")}
+    log = open(var / "model_service.log", "wb")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service.model_service:ModelService",
+         "--port", str(port), "--host", "127.0.0.1", "--working-dir", str(ROOT)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def timed(fn, repeat: int) -> float:
+    """Best-of-`repeat` wall time of fn() (best, because the machine is shared and noisy)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    import bentoml
+
+    card = load_card(ROOT / "models" / "ich_ct")
+    with tempfile.TemporaryDirectory() as tmp:
+        var = Path(tmp) / "var"
+        (var / "spool").mkdir(parents=True)
+        paths = write_ct_series(var / "spool" / "study" / "series", finding="subdural",
+                                slices=args.slices, seed=4242)
+        stack = load_ct_series([str(p) for p in paths], card.preprocessing)
+        tensor = preprocess_ct(stack.hu, card.preprocessing)
+        batches = [tensor[i:i + args.batch] for i in range(0, len(tensor), args.batch)]
+        threads = default_threads(reserved=0)
+        raw = Predictor(card, build_session(card, "cpu", threads))
+
+        port = free_port()
+        proc = start_model_service(var, port)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            poll(lambda: _ready(url), 120, 0.25, "model service ready")
+            client = bentoml.SyncHTTPClient(url, media_type=PICKLE, timeout=600)
+            # Warm-up both sides.
+            raw(batches[0])
+            client.infer_ct(tensor=batches[0])
+            out_raw = np.concatenate([raw(b) for b in batches])
+            out_svc = np.concatenate([client.infer_ct(tensor=b) for b in batches])
+            assert np.allclose(out_raw, out_svc, atol=1e-4), "service and raw outputs differ"
+            raw_s = timed(lambda: [raw(b) for b in batches], args.repeat)
+            svc_s = timed(lambda: [client.infer_ct(tensor=b) for b in batches], args.repeat)
+            # The endpoint the gateway calls: paths in, findings out.
+            spool_paths = [str(p) for p in paths]
+            analyse_raw_s = timed(lambda: analyse_ct_series(card, spool_paths, raw), 2)
+            analyse_svc_s = timed(lambda: client.analyse(model=card.key, paths=spool_paths), 2)
+            client.close()
+        finally:
+            import signal
+
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    n = len(tensor)
+    report = {
+        "benchmark": "model_service_vs_onnxruntime", "slices": n, "batch": args.batch,
+        "threads": threads, "goal_ratio": GOAL,
+        "infer": {"raw_onnxruntime_slices_per_s": round(n / raw_s, 1),
+                  "model_service_slices_per_s": round(n / svc_s, 1),
+                  "ratio": round(raw_s / svc_s, 3)},
+        "analyse_study": {"in_process_pipeline_s": round(analyse_raw_s, 3),
+                          "model_service_s": round(analyse_svc_s, 3),
+                          "ratio": round(analyse_raw_s / analyse_svc_s, 3)},
+    }
+    report["meets_goal"] = report["infer"]["ratio"] >= GOAL
+    (OUT / "model_service.json").write_text(json.dumps(report, indent=2))
+    plot(report)
+    print(json.dumps(report, indent=2))
+
+
+def _ready(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def plot(report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    inf = report["infer"]
+    axes[0].bar(["raw onnxruntime", "model service"],
+                [inf["raw_onnxruntime_slices_per_s"], inf["model_service_slices_per_s"]],
+                color=["grey", "tab:blue"])
+    axes[0].set_ylabel("slices / s")
+    axes[0].set_title(f"infer_ct, batch {report['batch']}: ratio {inf['ratio']:.2f}")
+    an = report["analyse_study"]
+    axes[1].bar(["in-process pipeline", "model service"],
+                [an["in_process_pipeline_s"], an["model_service_s"]], color=["grey", "tab:blue"])
+    axes[1].set_ylabel("seconds per study")
+    axes[1].set_title(f"analyse {report['slices']}-slice study: ratio {an['ratio']:.2f}")
+    fig.tight_layout()
+    fig.savefig(OUT / "model_service.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
