@@ -142,6 +142,7 @@ class DicomListener:
     # -- handlers: one small function per event ----------------------------------------------
     def _on_conn_open(self, event) -> None:
         pynetdicom_tuning.tune_socket(event.assoc.dul.socket.socket)
+        pynetdicom_tuning.inline_store_requests(event.assoc)
 
     def _on_requested(self, event) -> None:
         """Refuse callers not on the allow-list before anything is negotiated."""

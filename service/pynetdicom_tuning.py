@@ -15,6 +15,16 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
 4. `AssociationSocket.recv` reads in 4 KiB pieces and grows a bytearray; we read a PDU with
    `recv_into` on a preallocated buffer.
 5. pynetdicom logs every PDU at DEBUG: its logger is set to WARNING.
+6. Thread hand-offs. pynetdicom passes every decoded message from the DUL thread to the
+   association thread through a queue that thread polls every 1 ms, and the response back
+   through another queue the DUL thread polls every 1 ms. On our shared 2-core machine each
+   hand-off cost several ms (wake-up plus GIL), more than the transfer itself. So:
+   a. a complete C-STORE request is served inline in the DUL thread that decoded it (the
+      message queue of each accepted association is a `_InlineStoreQueue`); the response is
+      queued from that same thread, which sends it on its very next loop. pynetdicom itself
+      serves N-EVENT-REPORT outside the association thread the same way.
+   b. the DUL thread's idle `time.sleep(0.001)` becomes a `select()` on its socket with the
+      same timeout, so the next PDU is read the moment it arrives.
 
 `check_compatible()` verifies the internals we rely on are still there; the test suite calls
 it, so a pynetdicom upgrade that moves them fails loudly instead of silently going slow or
@@ -25,13 +35,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+import queue
+import select
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pynetdicom
-from pynetdicom import _config, dimse_messages, dul, transport
+from pynetdicom import _config, association, dimse, dimse_messages, dul, transport
+from pynetdicom.dimse_primitives import C_STORE
 
 TESTED_VERSIONS = ("3.0.",)
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -59,6 +73,12 @@ def check_compatible() -> None:
         problems.append("DIMSEMessage.decode_msg no longer creates its temp file with NamedTemporaryFile")
     if "self._assoc = assoc" not in inspect.getsource(dul.DULServiceProvider.__init__):
         problems.append("DULServiceProvider no longer keeps its association in _assoc")
+    if "time.sleep(self._run_loop_delay)" not in inspect.getsource(dul.DULServiceProvider.run_reactor):
+        problems.append("the DUL reactor no longer idles with time.sleep")
+    if "self.msg_queue.put(" not in inspect.getsource(dimse.DIMSEServiceProvider.receive_primitive):
+        problems.append("DIMSEServiceProvider.receive_primitive no longer hands messages to msg_queue")
+    if not hasattr(association.Association, "_serve_request"):
+        problems.append("Association._serve_request is gone")
     if problems:
         raise RuntimeError("pynetdicom internals changed: " + "; ".join(problems))
 
@@ -90,6 +110,49 @@ def _recv_exact(self, nr_bytes: int) -> bytearray:
     return buf
 
 
+class _InlineStoreQueue(queue.Queue):
+    """The DIMSE message queue of one accepted association: C-STORE requests run inline."""
+
+    def __init__(self, assoc) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def put(self, item, block=True, timeout=None):
+        context_id, msg = item
+        assoc = self._assoc
+        if (isinstance(msg, C_STORE) and assoc.is_acceptor and assoc.is_established
+                and context_id in assoc._accepted_cx):
+            assoc._serve_request(msg, context_id)
+            return
+        super().put(item, block, timeout)
+
+
+class _SocketWaitTime:
+    """Stands in for the `time` module inside pynetdicom.dul: sleep waits on the socket."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        if isinstance(thread, dul.DULServiceProvider) and thread.to_provider_queue.empty():
+            sock = getattr(thread.socket, "socket", None)
+            if sock is not None and sock.fileno() >= 0:
+                try:
+                    select.select([sock], [], [], seconds)
+                    return
+                except (OSError, ValueError):
+                    pass
+        time.sleep(seconds)
+
+
+def inline_store_requests(assoc) -> None:
+    """Serve this (accepted) association's C-STORE requests in its DUL thread (see 6a)."""
+    if assoc.dimse.msg_queue.empty():
+        assoc.dimse.msg_queue = _InlineStoreQueue(assoc)
+
+
 def apply() -> None:
     """Apply the changes once per process (idempotent)."""
     global _applied
@@ -101,6 +164,7 @@ def apply() -> None:
         dimse_messages.NamedTemporaryFile = _incoming_ntf
         transport.AssociationSocket.recv = _recv_exact
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        dul.time = _SocketWaitTime()
         _applied = True
 
 
