@@ -1,0 +1,198 @@
+"""Load a CT series from spooled files: check it is one axial stack, sort it, decode it to HU.
+
+Headers are read first (cheap) and checked against the model card's slice requirements, so a
+series that cannot be analysed is refused before any pixel is decoded. Decoding can run in
+worker processes: pass a `concurrent.futures.Executor` (a ProcessPoolExecutor) and the paths
+are decoded in chunks, one chunk per task, so each task is worth the inter-process hop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
+
+from pipelines.findings import NotAnalysable
+from pipelines.model_card import CtPreprocessing
+
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines
+SPACING_TOLERANCE_MM = 1e-3
+DUPLICATE_POSITION_MM = 1e-2
+HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "PixelSpacing",
+    "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope", "RescaleIntercept",
+    "NumberOfFrames", "SamplesPerPixel", "SliceThickness",
+]
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float]
+    orientation: tuple[float, ...]
+    position: tuple[float, float, float]
+    slope: float
+    intercept: float
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class CtSeries:
+    """One sorted axial stack: `hu[i]` is slice i along the normal (inferior to superior for HFS)."""
+
+    hu: np.ndarray  # (N, H, W) int16 when the rescale is integral, else float32
+    headers: tuple[SliceHeader, ...]
+    positions_mm: np.ndarray  # (N,) position of each slice along the stack normal
+    pixel_spacing: tuple[float, float]
+
+    @property
+    def series_uid(self) -> str:
+        return self.headers[0].series_uid
+
+    @property
+    def slice_gap_mm(self) -> float:
+        return float(np.median(np.diff(self.positions_mm))) if len(self.headers) > 1 else 0.0
+
+
+def _short(uid: str) -> str:
+    return uid or "(no UID)"
+
+
+def read_header(path: str | Path) -> SliceHeader:
+    """The header fields the stack checks need; refuses files that are not single-frame images."""
+    path = str(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise NotAnalysable(f"file {Path(path).name} is not a readable DICOM file: {exc}") from exc
+    series = _short(str(ds.get("SeriesInstanceUID", "")))
+    missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows")
+               if t not in ds]
+    if missing:
+        raise NotAnalysable(
+            f"series {series} not analysed: instance {ds.get('SOPInstanceUID', '?')} lacks "
+            f"{', '.join(missing)}; it is not a cross-sectional image")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise NotAnalysable(f"series {series} not analysed: multi-frame (enhanced) CT is not supported; "
+                            "send the series as single-frame CT Image Storage")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise NotAnalysable(f"series {series} not analysed: colour images are not CT slices")
+    return SliceHeader(
+        path=path,
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        series_uid=series,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        pixel_spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+        orientation=tuple(float(v) for v in ds.ImageOrientationPatient),
+        position=tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
+        slope=float(ds.get("RescaleSlope", 1) or 1),
+        intercept=float(ds.get("RescaleIntercept", 0) or 0),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+    )
+
+
+def sort_stack(headers: Sequence[SliceHeader], pre: CtPreprocessing) -> tuple[list[SliceHeader], np.ndarray]:
+    """Check the headers form one axial stack the model can take; return them sorted, with positions."""
+    if not headers:
+        raise NotAnalysable("series not analysed: no instances were given")
+    first = headers[0]
+    series = first.series_uid
+    if len({h.series_uid for h in headers}) > 1:
+        raise NotAnalysable(f"series {series} not analysed: the instances belong to "
+                            f"{len({h.series_uid for h in headers})} different series")
+    n = len(headers)
+    if n < pre.min_slices:
+        noun = "slice" if n == 1 else "slices"
+        raise NotAnalysable(f"series {series} not analysed: {n} {noun}, the model needs at least "
+                            f"{pre.min_slices}")
+    orient = np.array([h.orientation for h in headers])
+    if np.abs(orient - orient[0]).max() > ORIENTATION_TOLERANCE:
+        kinds = len({tuple(np.round(o, 3)) for o in orient})
+        raise NotAnalysable(f"series {series} not analysed: mixed image orientations ({kinds} different); "
+                            "the model needs one stack of parallel slices (a localizer or reformat "
+                            "may be mixed in)")
+    if len({(h.rows, h.columns) for h in headers}) > 1:
+        raise NotAnalysable(f"series {series} not analysed: slices have different matrix sizes")
+    spacing = np.array([h.pixel_spacing for h in headers])
+    if np.abs(spacing - spacing[0]).max() > SPACING_TOLERANCE_MM:
+        raise NotAnalysable(f"series {series} not analysed: slices have different pixel spacings")
+    row, col = orient[0, :3], orient[0, 3:]
+    normal = np.cross(row, col)
+    if abs(normal[2]) < math.cos(math.radians(30)):
+        raise NotAnalysable(f"series {series} not analysed: slices are not axial (normal {normal.round(2)}); "
+                            "the model takes axial head CT")
+    pos = np.array([h.position for h in headers]) @ normal
+    order = np.argsort(pos, kind="stable")
+    pos = pos[order]
+    steps = np.diff(pos)
+    if len(steps) and steps.min() < DUPLICATE_POSITION_MM:
+        k = int(np.argmin(steps))
+        raise NotAnalysable(f"series {series} not analysed: two slices at the same position "
+                            f"({pos[k]:.1f} mm); duplicates or two acquisitions in one series")
+    if len(steps) and steps.max() > pre.max_slice_gap_mm:
+        k = int(np.argmax(steps))
+        raise NotAnalysable(f"series {series} not analysed: a {steps[k]:.1f} mm gap between slices at "
+                            f"{pos[k]:.1f} and {pos[k + 1]:.1f} mm (at most {pre.max_slice_gap_mm:g} mm "
+                            "allowed); slices are missing")
+    return [headers[i] for i in order], pos
+
+
+def _rescale_is_integral(headers: Sequence[SliceHeader]) -> bool:
+    return all(h.slope == 1.0 and float(h.intercept).is_integer() for h in headers)
+
+
+def decode_chunk(items: Sequence[tuple[str, float, float, str]], integral: bool) -> np.ndarray:
+    """Decode (path, slope, intercept, syntax) items to a (k, H, W) HU array. Runs in a worker."""
+    out = []
+    for path, slope, intercept, syntax in items:
+        try:
+            raw = pixel_array(path)
+        except Exception as exc:  # noqa: BLE001 - every decoder failure becomes a reason
+            name = pydicom.uid.UID(syntax).name if syntax else "an unknown transfer syntax"
+            raise NotAnalysable(f"could not decode {Path(path).name} ({name}): {exc}") from exc
+        if integral:
+            out.append(np.clip(raw.astype(np.int32) + int(intercept), -32768, 32767).astype(np.int16))
+        else:
+            out.append((raw.astype(np.float32) * slope + intercept).astype(np.float32))
+    return np.stack(out)
+
+
+def load_ct_series(paths: Sequence[str | Path], pre: CtPreprocessing, executor: Executor | None = None,
+                   chunk_size: int | None = None) -> CtSeries:
+    """Read, check, sort and decode a series; raise NotAnalysable with a radiographer's reason."""
+    headers, pos = sort_stack([read_header(p) for p in paths], pre)
+    integral = _rescale_is_integral(headers)
+    items = [(h.path, h.slope, h.intercept, h.transfer_syntax) for h in headers]
+    try:
+        if executor is None:
+            chunks = [decode_chunk(items, integral)]
+        else:
+            size = chunk_size or max(8, math.ceil(len(items) / 8))
+            futures = [executor.submit(decode_chunk, items[i:i + size], integral)
+                       for i in range(0, len(items), size)]
+            chunks = [f.result() for f in futures]
+    except NotAnalysable as exc:
+        raise NotAnalysable(f"series {headers[0].series_uid} not analysed: {exc}") from exc
+    try:
+        hu = np.concatenate(chunks)
+    except ValueError as exc:
+        raise NotAnalysable(f"series {headers[0].series_uid} not analysed: decoded slices differ in "
+                            f"shape ({exc})") from exc
+    if hu.shape[1:] != (headers[0].rows, headers[0].columns):
+        raise NotAnalysable(f"series {headers[0].series_uid} not analysed: pixel data shape {hu.shape[1:]} "
+                            f"does not match Rows x Columns {headers[0].rows} x {headers[0].columns}")
+    return CtSeries(hu=hu, headers=tuple(headers), positions_mm=pos, pixel_spacing=headers[0].pixel_spacing)

@@ -1,0 +1,103 @@
+"""CT triage: a series' files -> slice probabilities -> a study verdict with key images.
+
+`infer` is whatever runs the model (an onnxruntime session in the model service, a stub in
+tests): it takes an (n, C, S, S) float32 batch and returns (n, n_classes) raw outputs. The
+card says how to turn them into probabilities and how to aggregate slices into a study score.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.ct_preprocess import add_context, window_resize
+from pipelines.ct_series import load_ct_series
+from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
+from pipelines.model_card import CtPreprocessing, ModelCard
+
+Infer = Callable[[np.ndarray], np.ndarray]
+
+
+def positive_probability(raw: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(n, n_classes) raw outputs -> (n,) probability of the card's positive class."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim == 1:
+        raw = raw[:, None]
+    out = card.output
+    col = out.classes.index(out.positive_class) if raw.shape[1] == len(out.classes) else raw.shape[1] - 1
+    if out.activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-raw[:, col]))
+    if out.activation == "softmax":
+        z = raw - raw.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e[:, col] / e.sum(axis=1)
+    return np.clip(raw[:, col], 0.0, 1.0)
+
+
+def aggregate(probabilities: np.ndarray, how: str) -> float:
+    """Slice probabilities -> one study probability (`max`, `top3_mean` or `noisy_or`)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.size == 0:
+        raise ValueError("no slice probabilities to aggregate")
+    if how == "max":
+        return float(p.max())
+    if how == "top3_mean":
+        return float(np.sort(p)[-3:].mean())
+    if how == "noisy_or":
+        return float(1.0 - np.exp(np.sum(np.log1p(-np.clip(p, 0.0, 1.0 - 1e-12)))))
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def infer_in_batches(windowed: np.ndarray, context: int, infer: Infer, batch_size: int) -> np.ndarray:
+    """Build each batch's 2.5D tensor only when it is needed and run the model on it."""
+    n = len(windowed)
+    outputs = [np.asarray(infer(add_context(windowed, context, np.arange(i, min(i + batch_size, n)))))
+               for i in range(0, n, batch_size)]
+    return np.concatenate(outputs)
+
+
+def analyse_ct_series(card: ModelCard, paths: Sequence[str | Path], infer: Infer,
+                      executor: Executor | None = None, batch_size: int = 64) -> AnalysisResult:
+    """Load -> preprocess -> infer -> aggregate; every failure becomes a 'not analysed' result."""
+    pre = card.preprocessing
+    if not isinstance(pre, CtPreprocessing):
+        raise ValueError(f"model {card.key} is a {card.task} model, not a CT slice model")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        series = load_ct_series(paths, pre, executor)
+    except NotAnalysable as exc:
+        return AnalysisResult.not_analysed(str(exc), load=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    timings["load"] = t1 - t0
+    windowed = window_resize(series.hu, pre.windows, pre.size)
+    t2 = time.perf_counter()
+    timings["preprocess"] = t2 - t1
+    raw = infer_in_batches(windowed, pre.context_slices, infer, batch_size)
+    t3 = time.perf_counter()
+    # building the 2.5D batches is preprocessing work done inside the inference loop; it is cheap
+    timings["infer"] = t3 - t2
+    if len(raw) != len(series.headers):
+        raise ValueError(f"model {card.key} returned {len(raw)} outputs for {len(series.headers)} slices")
+    prob = positive_probability(raw, card)
+    score = aggregate(prob, card.postprocessing.aggregation)
+    top = np.argsort(-prob, kind="stable")[: max(card.postprocessing.key_images, 0)]
+    key_images = tuple(
+        KeyImage(series.headers[i].sop_class_uid, series.headers[i].sop_instance_uid, float(prob[i]))
+        for i in top)
+    threshold = card.postprocessing.threshold
+    measurements = {
+        "slices": float(len(prob)),
+        "slices_above_threshold": float(np.count_nonzero(prob >= threshold)),
+        "max_slice_score": float(prob.max()),
+        "slice_gap_mm": series.slice_gap_mm,
+        "pixel_spacing_mm": float(series.pixel_spacing[0]),
+    }
+    timings["postprocess"] = time.perf_counter() - t3
+    return AnalysisResult.verdict(score, threshold, key_images=key_images,
+                                  scores=tuple(float(p) for p in prob), timings=timings,
+                                  measurements=measurements)
