@@ -491,12 +491,13 @@ def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
     """Write a phantom slide (one instance per level, plus LABEL/OVERVIEW) into folder `out`.
 
     tiling: "full" (TILED_FULL) or "sparse" (TILED_SPARSE: per-frame positions, column-major order);
-    codec: "jpeg" (baseline, YBR_FULL_422) or "jpeg2000" (lossy, YBR_ICT);
+    codec: "jpeg" (baseline, YBR_FULL_422) or "jpeg2000" / "j2k" (lossy, YBR_ICT);
     offset_table: "basic" (filled Basic Offset Table), "none" (empty BOT) or "extended"
     (Extended Offset Table, empty BOT); workers > 1 renders and encodes tiles in processes.
     """
     if tiling not in ("full", "sparse"):
         raise ValueError(f"tiling {tiling!r} is not one of full, sparse")
+    codec = {"j2k": "jpeg2000"}.get(codec, codec)
     if codec not in TRANSFER_SYNTAX:
         raise ValueError(f"codec {codec!r} is not one of {', '.join(TRANSFER_SYNTAX)}")
     if offset_table not in ("basic", "none", "extended"):

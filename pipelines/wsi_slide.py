@@ -306,3 +306,15 @@ def read_level_image(level: Level) -> np.ndarray:
     if level.cols * level.rows > 64e6:
         raise ValueError(f"level {level.sop_instance_uid} is {level.cols}x{level.rows}: too large to read")
     return read_region(level, 0, 0, level.cols, level.rows)
+
+
+def read_thumbnail_rgb(paths: Sequence[str | Path], max_px: int = 2048) -> np.ndarray:
+    """The smallest pyramid level as RGB, average-pooled to at most `max_px` (for previews)."""
+    level = open_slide(paths).thumbnail_level
+    rgb = read_level_image(level)
+    factor = int(np.ceil(max(rgb.shape[:2]) / max_px))
+    if factor > 1:
+        h, w = (rgb.shape[0] // factor) * factor, (rgb.shape[1] // factor) * factor
+        blocks = rgb[:h, :w].reshape(h // factor, factor, w // factor, factor, 3)
+        rgb = blocks.mean(axis=(1, 3)).astype(np.uint8)
+    return rgb
