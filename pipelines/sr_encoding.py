@@ -37,6 +37,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 
 import highdicom as hd
 import pydicom
@@ -91,12 +92,8 @@ _PATIENT_STUDY_TYPE2 = (
 
 def _software_version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            return version("befund")
-        except PackageNotFoundError:
-            return "0.1.0"
-    except ImportError:  # pragma: no cover
+        return version("befund")
+    except PackageNotFoundError:  # running from a source tree that was never installed
         return "0.1.0"
 
 
