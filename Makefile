@@ -3,9 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools orthanc chromium
-# Binaries that tell whether each Debian package is present.
-APT_PROBES := storescu dciodvfy Orthanc chromium
+# Debian packages the tests use, each with a file that tells whether it is installed.
+APT_DEPS := dcmtk:/usr/bin/storescu dicom3tools:/usr/bin/dciodvfy orthanc:/usr/sbin/Orthanc \
+	chromium:/usr/bin/chromium libpixelmed-java:/usr/share/java/pixelmed.jar \
+	default-jre-headless:/usr/bin/java
 
 .PHONY: run test lint demo bench train-ich train-wsi bento system-deps clean
 
@@ -24,11 +25,11 @@ run: $(BIN)/befund
 	$(BIN)/befund serve
 
 system-deps:
-	@missing=0; for b in $(APT_PROBES); do command -v $$b >/dev/null || { test -x /usr/sbin/$$b || missing=1; }; done; \
-	if [ $$missing = 1 ]; then \
-	  echo "installing Debian packages: $(APT_PACKAGES)"; \
+	@missing=""; for dep in $(APT_DEPS); do test -e "$${dep#*:}" || missing="$$missing $${dep%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 test: system-deps $(VENV)/.dev-installed
