@@ -25,6 +25,16 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
       serves N-EVENT-REPORT outside the association thread the same way.
    b. the DUL thread's idle `time.sleep(0.001)` becomes a `select()` on its socket with the
       same timeout, so the next PDU is read the moment it arrives.
+   c. the association thread no longer wakes every 1 ms (1000 GIL grabs a second that stall
+      the DUL thread whenever the OS deschedules the grabber): it waits on an event that is
+      set whenever the DUL hands it something (a message, a release or abort primitive), at
+      most `REACTOR_IDLE_S`.
+
+7. Per-message pydicom work on the hot path: the file meta pynetdicom writes in front of every
+   received data set (built as a FileMetaDataset, then written by pydicom), and the
+   encoding of every response command set, are done by small direct encoders
+   (`encode_file_meta`, `encode_command_set`); anything they do not cover falls back to
+   pydicom. Tests compare their bytes with pydicom's.
 
 `check_compatible()` verifies the internals we rely on are still there; the test suite calls
 it, so a pynetdicom upgrade that moves them fails loudly instead of silently going slow or
@@ -38,6 +48,7 @@ import logging
 import queue
 import select
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -50,6 +61,9 @@ from pynetdicom.dimse_primitives import C_STORE
 TESTED_VERSIONS = ("3.0.",)
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 INCOMING_ATTR = "_befund_incoming_dir"  # set on a pynetdicom AE by the listener
+WAKE_ATTR = "_befund_wake"  # set on an accepted Association
+REACTOR_POLL_S = 0.001  # the association reactor's own poll interval in pynetdicom 3.0
+REACTOR_IDLE_S = 0.05  # our longest wait between checks (kill flag, DUL liveness)
 
 _original_ntf = tempfile.NamedTemporaryFile
 _original_recv = transport.AssociationSocket.recv
@@ -77,8 +91,13 @@ def check_compatible() -> None:
         problems.append("the DUL reactor no longer idles with time.sleep")
     if "self.msg_queue.put(" not in inspect.getsource(dimse.DIMSEServiceProvider.receive_primitive):
         problems.append("DIMSEServiceProvider.receive_primitive no longer hands messages to msg_queue")
+    if "time.sleep(0.001)" not in inspect.getsource(association.Association._run_reactor):
+        problems.append("the association reactor no longer polls with time.sleep(0.001)")
     if not hasattr(association.Association, "_serve_request"):
         problems.append("Association._serve_request is gone")
+    for name in ("encode", "create_file_meta", "write_file_meta_info"):
+        if not hasattr(dimse_messages, name):
+            problems.append(f"dimse_messages no longer imports {name}")
     if problems:
         raise RuntimeError("pynetdicom internals changed: " + "; ".join(problems))
 
@@ -113,9 +132,10 @@ def _recv_exact(self, nr_bytes: int) -> bytearray:
 class _InlineStoreQueue(queue.Queue):
     """The DIMSE message queue of one accepted association: C-STORE requests run inline."""
 
-    def __init__(self, assoc) -> None:
+    def __init__(self, assoc, wake: threading.Event) -> None:
         super().__init__()
         self._assoc = assoc
+        self._wake = wake
 
     def put(self, item, block=True, timeout=None):
         context_id, msg = item
@@ -125,6 +145,7 @@ class _InlineStoreQueue(queue.Queue):
             assoc._serve_request(msg, context_id)
             return
         super().put(item, block, timeout)
+        self._wake.set()
 
 
 class _SocketWaitTime:
@@ -147,10 +168,106 @@ class _SocketWaitTime:
         time.sleep(seconds)
 
 
+class _WakingQueue(queue.Queue):
+    """A queue whose put() also wakes the association thread (see 6c)."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        self._wake.set()
+
+
+class _ReactorTime:
+    """Stands in for the `time` module inside pynetdicom.association (see 6c)."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        wake = getattr(threading.current_thread(), WAKE_ATTR, None)
+        if wake is not None and seconds <= REACTOR_POLL_S:
+            wake.wait(REACTOR_IDLE_S)
+            wake.clear()
+            return
+        time.sleep(seconds)
+
+
 def inline_store_requests(assoc) -> None:
-    """Serve this (accepted) association's C-STORE requests in its DUL thread (see 6a)."""
-    if assoc.dimse.msg_queue.empty():
-        assoc.dimse.msg_queue = _InlineStoreQueue(assoc)
+    """For one accepted association: serve C-STORE requests in its DUL thread (6a) and let
+    its association thread sleep until the DUL hands it something (6c)."""
+    if not (assoc.dimse.msg_queue.empty() and assoc.dul.to_user_queue.empty()):
+        return
+    wake = threading.Event()
+    assoc.dimse.msg_queue = _InlineStoreQueue(assoc, wake)
+    assoc.dul.to_user_queue = _WakingQueue(wake)
+    setattr(assoc, WAKE_ATTR, wake)
+
+
+_original_encode = dimse_messages.encode
+_original_create_file_meta = dimse_messages.create_file_meta
+_original_write_file_meta_info = dimse_messages.write_file_meta_info
+_SIMPLE_STRING_VRS = {"UI", "AE", "LO", "SH", "CS"}
+
+
+def _padded(text: str, vr: str) -> bytes:
+    raw = text.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\x00" if vr == "UI" else b" "
+    return raw
+
+
+class EncodedFileMeta(bytes):
+    """File meta information already encoded (stands in for a FileMetaDataset)."""
+
+
+def encode_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax,
+                     implementation_uid=None, implementation_version=None) -> EncodedFileMeta:
+    """Group 0002 as Explicit VR Little Endian, the same elements as pynetdicom's create_file_meta."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    implementation_uid = implementation_uid or PYNETDICOM_IMPLEMENTATION_UID
+    implementation_version = implementation_version or PYNETDICOM_IMPLEMENTATION_VERSION
+    body = bytearray(b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01")
+    for element, value, vr in ((0x0002, sop_class_uid, "UI"), (0x0003, sop_instance_uid, "UI"),
+                               (0x0010, transfer_syntax, "UI"), (0x0012, implementation_uid, "UI"),
+                               (0x0013, implementation_version, "SH")):
+        raw = _padded(str(value), vr)
+        body += struct.pack("<HH2sH", 0x0002, element, vr.encode(), len(raw)) + raw
+    return EncodedFileMeta(struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body)
+
+
+def _write_file_meta_info(fp, file_meta, enforce_standard: bool = True) -> None:
+    if isinstance(file_meta, EncodedFileMeta):
+        fp.write(file_meta)
+    else:
+        _original_write_file_meta_info(fp, file_meta, enforce_standard)
+
+
+def encode_command_set(ds, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False):
+    """Implicit VR Little Endian encoding of a command set of plain US/UL/string elements."""
+    if not (is_implicit_vr and is_little_endian) or deflated:
+        return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
+    out = bytearray()
+    for tag, elem in sorted(ds._dict.items()):
+        vr = getattr(elem, "VR", None)
+        value = getattr(elem, "value", None)
+        if tag >> 16 != 0 or isinstance(value, (list, tuple)) or type(elem).__name__ != "DataElement":
+            return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
+        if value is None or value == "":
+            raw = b""
+        elif vr == "US":
+            raw = struct.pack("<H", value)
+        elif vr == "UL":
+            raw = struct.pack("<L", value)
+        elif vr in _SIMPLE_STRING_VRS and isinstance(value, str):
+            raw = _padded(value, vr)
+        else:
+            return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
+        out += struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(raw)) + raw
+    return bytes(out)
 
 
 def apply() -> None:
@@ -165,6 +282,10 @@ def apply() -> None:
         transport.AssociationSocket.recv = _recv_exact
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         dul.time = _SocketWaitTime()
+        dimse_messages.create_file_meta = encode_file_meta
+        dimse_messages.write_file_meta_info = _write_file_meta_info
+        dimse_messages.encode = encode_command_set
+        association.time = _ReactorTime()
         _applied = True
 
 

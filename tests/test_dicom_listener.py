@@ -381,3 +381,27 @@ def test_spool_sweeps_partial_writes_and_lists_only_complete_instances(tmp_path)
     assert dcmread(inst.path) == dcmread(src)
     spool.remove_series(inst.study_uid, inst.series_uid)
     assert list(spool.iter_instances()) == [] and not (spool.root / inst.study_uid).exists()
+
+
+def test_fast_encoders_match_pydicom_byte_for_byte():
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import create_file_meta, encode
+
+    meta = dict(sop_class_uid=CTImageStorage, sop_instance_uid="1.2.3.45", transfer_syntax=RLELossless)
+    expected = DicomBytesIO()
+    write_file_meta_info(expected, create_file_meta(**meta))
+    assert bytes(pynetdicom_tuning.encode_file_meta(**meta)) == expected.getvalue()
+
+    for status in (0x0000, 0xA700, 0xC000):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 7
+        rsp.AffectedSOPClassUID = CTImageStorage
+        rsp.AffectedSOPInstanceUID = "1.2.3.4.5"
+        rsp.Status = status
+        msg = C_STORE_RSP()
+        msg.primitive_to_message(rsp)
+        assert pynetdicom_tuning.encode_command_set(msg.command_set, True, True) == encode(
+            msg.command_set, True, True)
