@@ -28,7 +28,7 @@ from phantoms.dicom_encoding import TRANSFER_SYNTAXES, encode, transfer_syntax_u
 
 FINDINGS = ("none", "intraparenchymal", "subdural", "epidural", "subarachnoid")
 __all__ = ["FINDINGS", "TRANSFER_SYNTAXES", "CtPhantom", "make_ct_phantom", "make_ct_series",
-           "write_ct_series"]
+           "series_from_phantom", "write_ct_series"]
 
 MATRIX = 512
 INTERCEPT = -1024
@@ -47,6 +47,7 @@ class CtPhantom:
     hu: np.ndarray  # (N, 512, 512) int16, inferior to superior
     z_mm: np.ndarray  # (N,) patient z of each slice
     bleed_area_mm2: np.ndarray  # (N,) area of the bleed in each slice
+    calcification_area_mm2: np.ndarray  # (N,) area of calcification confounders in each slice
     pixel_spacing_mm: float
     slice_thickness_mm: float
     slice_spacing_mm: float
@@ -228,10 +229,25 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
     if bleed is not None and bleed.kind == "intraparenchymal":
         blob_angle = np.arctan2(v - bleed.v0, u - bleed.u0)
 
+    def box(cu: float, cv: float, radius: float) -> tuple[slice, slice]:
+        """Pixel rows and columns that hold a disc of `radius` mm around head-frame (cu, cv)."""
+        col = (np.cos(phi) * cu - np.sin(phi) * cv + shift_u) / sp + (MATRIX - 1) / 2
+        row = (np.sin(phi) * cu + np.cos(phi) * cv + shift_v) / sp + (MATRIX - 1) / 2
+        half = radius / sp + 2
+        r0, r1 = int(np.clip(row - half, 0, MATRIX)), int(np.clip(row + half + 1, 0, MATRIX))
+        c0, c1 = int(np.clip(col - half, 0, MATRIX)), int(np.clip(col + half + 1, 0, MATRIX))
+        return slice(r0, r1), slice(c0, c1)
+
+    def ellipsoid(cu, cv, ru, rv, rz, dz) -> tuple[tuple[slice, slice], np.ndarray]:
+        """Where the ellipsoid cuts this slice: its box and the mask inside the box."""
+        b = box(cu, cv, max(ru, rv))
+        return b, ((u[b] - cu) / ru) ** 2 + ((v[b] - cv) / rv) ** 2 + (dz / rz) ** 2 < 1
+
     inner = an.scalp + an.skull
     zs = z_lo + spacing * np.arange(slices)
     hu = np.empty((slices, MATRIX, MATRIX), dtype=np.int16)
     area = np.zeros(slices)
+    calc_area = np.zeros(slices)
     for k, z in enumerate(zs):
         rho = np.sqrt(q2 + (z / an.c) ** 2)
         p = np.sqrt(r2 + z * z)
@@ -260,13 +276,16 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
         # deep grey nuclei and ventricles near the centre
         dz = z - an.z_vent
         if -24 < dz < 6:
-            for s in (-1.0, 1.0):
-                img[brain & (((u - s * 15) / 9) ** 2 + ((v + 1) / 13) ** 2 + ((dz + 9) / 12) ** 2 < 1)] = \
-                    an.hu_deep
+            for side in (-1.0, 1.0):
+                b, m = ellipsoid(side * 15, -1.0, 9.0, 13.0, 12.0, dz + 9)
+                img[b][m & brain[b]] = an.hu_deep
         for cu, cv, ru, rv, rz in lat_ventricles:
-            img[((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 + (dz / rz) ** 2 < 1] = an.hu_csf
-        third_v = (u / (1.2 * an.atrophy)) ** 2 + ((v - 4) / 9) ** 2 + ((dz + 14) / 6) ** 2 < 1
-        img[third_v] = an.hu_csf
+            if abs(dz) < rz:
+                b, m = ellipsoid(cu, cv, ru, rv, rz, dz)
+                img[b][m] = an.hu_csf
+        if abs(dz + 14) < 6:
+            b, m = ellipsoid(0.0, 4.0, 1.2 * an.atrophy, 9.0, 6.0, dz + 14)
+            img[b][m] = an.hu_csf
         sylvian = None
         if -40 < z < an.z_vent:  # Sylvian fissures and, lower down, the basal cisterns
             sylvian = brain & (np.abs(v + 8 + 0.1 * np.abs(u)) < 1.2 * an.atrophy) & (np.abs(u) > 22)
@@ -278,7 +297,9 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
             img[cisterns] = an.hu_csf
         for cu, cv, cz, ru, rv, rz, chu in an.calcs:
             if abs(z - cz) < rz:
-                img[((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 + ((z - cz) / rz) ** 2 < 1] = chu
+                b, m = ellipsoid(cu, cv, ru, rv, rz, z - cz)
+                img[b][m] = chu
+                calc_area[k] += float(m.sum()) * sp * sp
         if bleed is not None and abs(z - bleed.z0) < bleed.hz:
             mask = _bleed_mask(bleed, z, u, v, db, brain, g, dtheta, blob_angle, sylvian, cisterns, img)
             area[k] = float(mask.sum()) * sp * sp
@@ -287,6 +308,7 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
 
     x0 = float(-(MATRIX - 1) / 2 * sp)
     return CtPhantom(seed=seed, finding=finding, hu=hu, z_mm=zs + table_z, bleed_area_mm2=area,
+                     calcification_area_mm2=calc_area,
                      pixel_spacing_mm=float(sp), slice_thickness_mm=thickness,
                      slice_spacing_mm=float(spacing), origin_xy_mm=(x0, x0), patient_sex=sex)
 
@@ -331,8 +353,15 @@ def make_ct_series(finding: str = "none", slices: int = 32, seed: int = 0,
                    transfer_syntax: str = "explicit", patient_name: str | None = None,
                    study_uid: str | None = None) -> list[Dataset]:
     """The series as pydicom datasets (inferior to superior), encoded in `transfer_syntax`."""
+    return series_from_phantom(make_ct_phantom(finding, slices, seed), transfer_syntax, patient_name,
+                               study_uid)
+
+
+def series_from_phantom(ph: CtPhantom, transfer_syntax: str = "explicit", patient_name: str | None = None,
+                        study_uid: str | None = None) -> list[Dataset]:
+    """Datasets for a phantom already in memory (keeps its ground truth at hand for tests)."""
     ts = transfer_syntax_uid(transfer_syntax)
-    ph = make_ct_phantom(finding, slices, seed)
+    finding, seed, slices = ph.finding, ph.seed, len(ph.hu)
     study_uid = study_uid or _uid(seed, finding, slices, "study")
     series_uid = _uid(study_uid, seed, finding, slices, "series")
     frame_uid = _uid(study_uid, seed, "frame-of-reference")
