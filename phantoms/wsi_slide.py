@@ -77,8 +77,11 @@ class SlideFields:
 
 
 @lru_cache(maxsize=8)
-def slide_fields(width: int, height: int, tumor: float, seed: int) -> SlideFields:
-    """The fields that define a slide's tissue, tumor, pen marks and folds (deterministic)."""
+def slide_fields(width: int, height: int, tumor: float, seed: int, blank: bool = False) -> SlideFields:
+    """The fields that define a slide's tissue, tumor, pen marks and folds (deterministic).
+
+    `blank`: no tissue at all (an empty slide with only a pen mark).
+    """
     if not 0.0 <= tumor <= 1.0:
         raise ValueError(f"tumor fraction {tumor} must lie in 0..1")
     rng = np.random.default_rng([seed, 7919])
@@ -98,6 +101,8 @@ def slide_fields(width: int, height: int, tumor: float, seed: int) -> SlideField
         v = (-dx * np.sin(ang) + dy * np.cos(ang)) / ry
         tissue = np.maximum(tissue, 1.0 - np.sqrt(u * u + v * v))
     tissue = tissue + 0.22 * _smooth_noise(rng, (gh, gw), 5.0) + 0.1 * _smooth_noise(rng, (gh, gw), 2.0)
+    if blank:
+        tissue = np.full((gh, gw), -1.0)
     inside = tissue > 0
 
     tumor_raw = _smooth_noise(rng, (gh, gw), 9.0) + 0.3 * _smooth_noise(rng, (gh, gw), 3.0)
@@ -233,9 +238,9 @@ def _upsampler() -> np.ndarray:
 
 
 def render_tile(width: int, height: int, tumor: float, seed: int, level: int,
-                ty: int, tx: int) -> np.ndarray | None:
+                ty: int, tx: int, blank: bool = False) -> np.ndarray | None:
     """RGB uint8 tile (256x256) at pyramid `level`, tile row `ty`, column `tx`; None if background."""
-    f = slide_fields(width, height, tumor, seed)
+    f = slide_fields(width, height, tumor, seed, blank)
     scale = 2**level
     n = TILE // _STEP + 1
     ys = (ty * TILE + np.arange(n) * _STEP) * scale
@@ -277,8 +282,8 @@ def encode_frame(rgb: np.ndarray, codec: str) -> bytes:
 
 
 def _encode_tile(args: tuple) -> bytes | None:
-    width, height, tumor, seed, level, ty, tx, codec = args
-    rgb = render_tile(width, height, tumor, seed, level, ty, tx)
+    width, height, tumor, seed, level, ty, tx, codec, blank = args
+    rgb = render_tile(width, height, tumor, seed, level, ty, tx, blank)
     return None if rgb is None else encode_frame(rgb, codec)
 
 
@@ -443,10 +448,10 @@ def _write_instance(path: Path, ds: Dataset, frames: Iterator[bytes], n_frames: 
         offsets, lengths = [], []
         count = 0
         for data in frames:
-            offsets.append(fp.tell() - first)
-            lengths.append(len(data))
             if len(data) % 2:
                 data = data + b"\0"
+            offsets.append(fp.tell() - first)
+            lengths.append(len(data))  # item length (even), as the EOT lengths give it
             fp.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(data)))
             fp.write(data)
             count += 1
@@ -487,13 +492,14 @@ def _file_meta(ds: Dataset, ts: UID) -> None:
 def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
                     tiling: str = "full", codec: str = "jpeg", label: bool = False,
                     overview: bool = False, patient_name: str | None = None,
-                    offset_table: str = "basic", workers: int = 0) -> list[Path]:
+                    offset_table: str = "basic", workers: int = 0, tissue: bool = True) -> list[Path]:
     """Write a phantom slide (one instance per level, plus LABEL/OVERVIEW) into folder `out`.
 
     tiling: "full" (TILED_FULL) or "sparse" (TILED_SPARSE: per-frame positions, column-major order);
     codec: "jpeg" (baseline, YBR_FULL_422) or "jpeg2000" / "j2k" (lossy, YBR_ICT);
     offset_table: "basic" (filled Basic Offset Table), "none" (empty BOT) or "extended"
-    (Extended Offset Table, empty BOT); workers > 1 renders and encodes tiles in processes.
+    (Extended Offset Table, empty BOT); workers > 1 renders and encodes tiles in processes;
+    tissue=False writes an empty slide (glass and a pen mark only).
     """
     if tiling not in ("full", "sparse"):
         raise ValueError(f"tiling {tiling!r} is not one of full, sparse")
@@ -510,7 +516,7 @@ def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
         for level, (cols, rows) in enumerate(pyramid_sizes(width, height)):
             spacing = BASE_SPACING_UM * 2**level
             ds = _base_dataset(seed, patient_name, codec)
-            ds.SOPInstanceUID = _uid("level", seed, level, width, height, tumor, tiling, codec)
+            ds.SOPInstanceUID = _uid("level", seed, level, width, height, tumor, tiling, codec, tissue)
             ds.InstanceNumber = level + 1
             ds.ImageType = (["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0
                             else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"])
@@ -526,7 +532,7 @@ def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
                 grid = sorted(grid, key=lambda t: (t[1], t[0]))
                 ds.PerFrameFunctionalGroupsSequence = DicomSequence([
                     _per_frame(ty * TILE + 1, tx * TILE + 1, spacing) for ty, tx in grid])
-            frames = _frames(width, height, tumor, seed, level, grid, codec, pool)
+            frames = _frames(width, height, tumor, seed, level, grid, codec, pool, not tissue)
             path = out / f"level-{level}.dcm"
             _write_instance(path, ds, frames, len(grid), offset_table)
             paths.append(path)
@@ -536,7 +542,8 @@ def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
     if label:
         paths.append(_write_associated(out, "LABEL", seed, patient_name, codec, width, height, tumor))
     if overview:
-        paths.append(_write_associated(out, "OVERVIEW", seed, patient_name, codec, width, height, tumor))
+        paths.append(_write_associated(out, "OVERVIEW", seed, patient_name, codec, width, height, tumor,
+                                       not tissue))
     return paths
 
 
@@ -547,16 +554,17 @@ def _per_frame(row: int, col: int, spacing: float) -> Dataset:
 
 
 def _frames(width: int, height: int, tumor: float, seed: int, level: int,
-            grid: list[tuple[int, int]], codec: str, pool: ProcessPoolExecutor | None) -> Iterator[bytes]:
+            grid: list[tuple[int, int]], codec: str, pool: ProcessPoolExecutor | None,
+            blank: bool) -> Iterator[bytes]:
     blank = encode_frame(np.broadcast_to(BACKGROUND.astype(np.uint8), (TILE, TILE, 3)).copy(), codec)
-    jobs = ((width, height, tumor, seed, level, ty, tx, codec) for ty, tx in grid)
+    jobs = ((width, height, tumor, seed, level, ty, tx, codec, blank) for ty, tx in grid)
     results = pool.map(_encode_tile, jobs, chunksize=64) if pool else map(_encode_tile, jobs)
     for data in results:
         yield blank if data is None else data
 
 
 def _write_associated(out: Path, kind: str, seed: int, patient_name: str | None, codec: str,
-                      width: int, height: int, tumor: float) -> Path:
+                      width: int, height: int, tumor: float, blank: bool = False) -> Path:
     """A single-frame LABEL (synthetic barcode) or OVERVIEW (macro view of the whole slide)."""
     ds = _base_dataset(seed, patient_name, codec)
     ds.SOPInstanceUID = _uid(kind, seed, width, height, tumor, codec)
@@ -577,7 +585,7 @@ def _write_associated(out: Path, kind: str, seed: int, patient_name: str | None,
     else:
         cols = 1024
         rows = max(16, int(round(cols * height / width)) // 16 * 16)
-        f = slide_fields(width, height, tumor, seed)
+        f = slide_fields(width, height, tumor, seed, blank)
         ys = (np.arange(rows) + 0.5) * height / rows
         xs = (np.arange(cols) + 0.5) * width / cols
         t = _sample(f.tissue, f.cell, ys[:, None], xs[None, :]) > 0
