@@ -97,8 +97,12 @@ class StateDB:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before we acknowledge the instance it records.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode: a commit survives a killed process (kill -9) without an fsync
+        # per commit (3.4 ms measured here, most of the ingest budget). After an OS crash or
+        # power loss the last commits can be lost; the spool files are fsynced before the
+        # acknowledgement and `Node.reconcile_spool` re-indexes them at start-up, and jobs and
+        # deliveries are idempotent (deterministic result UIDs), so nothing acknowledged is lost.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
 
