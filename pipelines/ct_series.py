@@ -9,7 +9,7 @@ are decoded in chunks, one chunk per task, so each task is worth the inter-proce
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +52,7 @@ class SliceHeader:
 class CtSeries:
     """One sorted axial stack: `hu[i]` is slice i along the normal (inferior to superior for HFS)."""
 
-    hu: np.ndarray  # (N, H, W) int16 when the rescale is integral, else float32
+    hu: np.ndarray  # (N, H, W) int16 when the rescale is integral, else float32 (or the transform's output)
     headers: tuple[SliceHeader, ...]
     positions_mm: np.ndarray  # (N,) position of each slice along the stack normal
     pixel_spacing: tuple[float, float]
@@ -155,8 +155,12 @@ def _rescale_is_integral(headers: Sequence[SliceHeader]) -> bool:
     return all(h.slope == 1.0 and float(h.intercept).is_integer() for h in headers)
 
 
-def decode_chunk(items: Sequence[tuple[str, float, float, str]], integral: bool) -> np.ndarray:
-    """Decode (path, slope, intercept, syntax) items to a (k, H, W) HU array. Runs in a worker."""
+def decode_chunk(items: Sequence[tuple[str, float, float, str]], integral: bool,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Decode (path, slope, intercept, syntax) items to a (k, H, W) HU array. Runs in a worker.
+
+    With `transform`, return transform(HU) instead (e.g. windowed and resized: less to send back).
+    """
     out = []
     for path, slope, intercept, syntax in items:
         try:
@@ -168,21 +172,31 @@ def decode_chunk(items: Sequence[tuple[str, float, float, str]], integral: bool)
             out.append(np.clip(raw.astype(np.int32) + int(intercept), -32768, 32767).astype(np.int16))
         else:
             out.append((raw.astype(np.float32) * slope + intercept).astype(np.float32))
-    return np.stack(out)
+    try:
+        hu = np.stack(out)
+    except ValueError as exc:
+        raise NotAnalysable(f"decoded slices differ in shape ({exc})") from exc
+    return hu if transform is None else transform(hu)
 
 
 def load_ct_series(paths: Sequence[str | Path], pre: CtPreprocessing, executor: Executor | None = None,
-                   chunk_size: int | None = None) -> CtSeries:
-    """Read, check, sort and decode a series; raise NotAnalysable with a radiographer's reason."""
+                   chunk_size: int | None = None,
+                   transform: Callable[[np.ndarray], np.ndarray] | None = None) -> CtSeries:
+    """Read, check, sort and decode a series; raise NotAnalysable with a radiographer's reason.
+
+    `transform` (picklable, e.g. a functools.partial of a module-level function) runs on each
+    decoded (k, H, W) chunk where it was decoded, in the worker when there is an executor;
+    `CtSeries.hu` then holds the concatenated transformed chunks instead of HU.
+    """
     headers, pos = sort_stack([read_header(p) for p in paths], pre)
     integral = _rescale_is_integral(headers)
     items = [(h.path, h.slope, h.intercept, h.transfer_syntax) for h in headers]
     try:
         if executor is None:
-            chunks = [decode_chunk(items, integral)]
+            chunks = [decode_chunk(items, integral, transform)]
         else:
             size = chunk_size or max(8, math.ceil(len(items) / 8))
-            futures = [executor.submit(decode_chunk, items[i:i + size], integral)
+            futures = [executor.submit(decode_chunk, items[i:i + size], integral, transform)
                        for i in range(0, len(items), size)]
             chunks = [f.result() for f in futures]
     except NotAnalysable as exc:
@@ -192,7 +206,7 @@ def load_ct_series(paths: Sequence[str | Path], pre: CtPreprocessing, executor: 
     except ValueError as exc:
         raise NotAnalysable(f"series {headers[0].series_uid} not analysed: decoded slices differ in "
                             f"shape ({exc})") from exc
-    if hu.shape[1:] != (headers[0].rows, headers[0].columns):
+    if transform is None and hu.shape[1:] != (headers[0].rows, headers[0].columns):
         raise NotAnalysable(f"series {headers[0].series_uid} not analysed: pixel data shape {hu.shape[1:]} "
                             f"does not match Rows x Columns {headers[0].rows} x {headers[0].columns}")
     return CtSeries(hu=hu, headers=tuple(headers), positions_mm=pos, pixel_spacing=headers[0].pixel_spacing)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +69,16 @@ def analyse_ct_series(card: ModelCard, paths: Sequence[str | Path], infer: Infer
         raise ValueError(f"model {card.key} is a {card.task} model, not a CT slice model")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    # with worker processes, windowing and resizing run where each chunk was decoded (in
+    # parallel, and a quarter-size array crosses back); "preprocess" then times only what is left
+    in_workers = partial(window_resize, windows=pre.windows, size=pre.size) if executor else None
     try:
-        series = load_ct_series(paths, pre, executor)
+        series = load_ct_series(paths, pre, executor, transform=in_workers)
     except NotAnalysable as exc:
         return AnalysisResult.not_analysed(str(exc), load=time.perf_counter() - t0)
     t1 = time.perf_counter()
     timings["load"] = t1 - t0
-    windowed = window_resize(series.hu, pre.windows, pre.size)
+    windowed = series.hu if in_workers else window_resize(series.hu, pre.windows, pre.size)
     t2 = time.perf_counter()
     timings["preprocess"] = t2 - t1
     raw = infer_in_batches(windowed, pre.context_slices, infer, batch_size)
