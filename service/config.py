@@ -68,6 +68,7 @@ class TlsConfig:
     key: str = ""
     ca: str = ""
     require_client_cert: bool = False
+    handshake_timeout_s: float = 10.0  # a client silent for this long after connecting is dropped
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Config:
     quiet_s: float = 30.0
     max_associations: int = 32
     max_pdu: int = 262144
+    network_timeout_s: float = 60.0  # an association silent this long (e.g. stalled mid-transfer) is dropped
     max_instance_bytes: int = 8 * 1024**3
     min_free_bytes: int = 1024**3
     retention_hours: float = 168.0

@@ -9,6 +9,7 @@ handler beyond the write and the index call.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 import uuid
@@ -96,6 +97,7 @@ class DicomListener:
         self.on_instance = on_instance
         self.on_association_end = on_association_end
         self._server = None
+        self._tls_server = None
         self._ae: AE | None = None
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
@@ -108,6 +110,7 @@ class DicomListener:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu
         ae.maximum_associations = self.config.max_associations
+        ae.network_timeout = self.config.network_timeout_s
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
@@ -126,8 +129,17 @@ class DicomListener:
         self._server = ae.start_server((self.config.dicom_host, self.config.dicom_port),
                                        block=False, evt_handlers=handlers)
         LOG.info("listening as %s on %s:%d", self.config.ae_title, self.config.dicom_host, self.port)
+        if self.config.tls.enabled:
+            self._tls_server = pynetdicom_tuning.start_tls_server(
+                ae, (self.config.dicom_host, self.config.tls.port), server_tls_context(self.config),
+                handlers, self.config.tls.handshake_timeout_s, _log_handshake_failure)
+            LOG.info("listening with DICOM TLS on %s:%d (client certificate %s)", self.config.dicom_host,
+                     self.tls_port, "required" if self.config.tls.require_client_cert else "optional")
 
     def stop(self) -> None:
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -138,6 +150,12 @@ class DicomListener:
         if self._server is None:
             raise RuntimeError("listener is not started")
         return self._server.server_address[1]
+
+    @property
+    def tls_port(self) -> int:
+        if self._tls_server is None:
+            raise RuntimeError("the TLS listener is not started")
+        return self._tls_server.server_address[1]
 
     # -- handlers: one small function per event ----------------------------------------------
     def _on_conn_open(self, event) -> None:
@@ -219,6 +237,27 @@ class DicomListener:
             self.on_association_end(record.association_id, record.calling_ae)
         except Exception:
             LOG.exception("on_association_end failed for association %s", record.association_id)
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext:
+    """The listener's TLS context: our certificate, and the CA that client certificates must chain to."""
+    tls = config.tls
+    if not (tls.cert and tls.key):
+        raise ValueError("tls.enabled needs tls.cert and tls.key (PEM files)")
+    if tls.require_client_cert and not tls.ca:
+        raise ValueError("tls.require_client_cert needs tls.ca, the CA that signs client certificates")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key)
+    if tls.ca:
+        ctx.load_verify_locations(tls.ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _log_handshake_failure(address, exc: Exception) -> None:
+    reason = "no handshake before the timeout" if isinstance(exc, TimeoutError) else str(exc)[:200]
+    LOG.warning("TLS connection from %s dropped: %s", address[0] if address else "?", reason)
 
 
 def _calling_ae(event) -> str:

@@ -36,6 +36,12 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    (`encode_file_meta`, `encode_command_set`); anything they do not cover falls back to
    pydicom. Tests compare their bytes with pydicom's.
 
+8. TLS handshakes off the accept path. pynetdicom's server wraps each accepted socket with
+   `SSLContext.wrap_socket` inside `get_request`, i.e. in the one thread that accepts: a
+   client that connects and never speaks blocks every later TLS connection. Our
+   `HandshakeInThreadServer` accepts the plain socket and does the handshake in the
+   connection's own thread, under a timeout, before pynetdicom sees the socket.
+
 `check_compatible()` verifies the internals we rely on are still there; the test suite calls
 it, so a pynetdicom upgrade that moves them fails loudly instead of silently going slow or
 using the system temp dir.
@@ -57,6 +63,7 @@ from pathlib import Path
 import pynetdicom
 from pynetdicom import _config, association, dimse, dimse_messages, dul, transport
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.transport import ThreadedAssociationServer
 
 TESTED_VERSIONS = ("3.0.",)
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -98,6 +105,8 @@ def check_compatible() -> None:
     for name in ("encode", "create_file_meta", "write_file_meta_info"):
         if not hasattr(dimse_messages, name):
             problems.append(f"dimse_messages no longer imports {name}")
+    if "ssl_context.wrap_socket" not in inspect.getsource(transport.AssociationServer.get_request):
+        problems.append("AssociationServer.get_request no longer wraps TLS sockets itself")
     if problems:
         raise RuntimeError("pynetdicom internals changed: " + "; ".join(problems))
 
@@ -303,3 +312,45 @@ def tune_socket(sock: socket.socket | None) -> None:
 
 def set_incoming_dir(ae: pynetdicom.AE, directory: Path) -> None:
     setattr(ae, INCOMING_ATTR, str(directory))
+
+
+class HandshakeInThreadServer(ThreadedAssociationServer):
+    """A TLS association server whose handshake runs in each connection's thread (see 8).
+
+    `handshake_timeout` bounds the handshake; a client that stays silent, or fails the
+    handshake (no or untrusted client certificate), is logged and dropped without ever
+    reaching pynetdicom, and never delays other connections.
+    """
+
+    daemon_threads = True  # a connection still handshaking never holds up shutdown
+    handshake_timeout: float = 10.0
+    on_handshake_failure = None  # callable(address, reason) set by the listener
+
+    def get_request(self):
+        return self.socket.accept()  # plain socket: no handshake on the accept path
+
+    def process_request_thread(self, request, client_address) -> None:
+        context = self.ssl_context
+        try:
+            request.settimeout(self.handshake_timeout)
+            tls_socket = context.wrap_socket(request, server_side=True)
+            tls_socket.settimeout(None)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
+            if self.on_handshake_failure is not None:
+                self.on_handshake_failure(client_address, exc)
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(tls_socket, client_address)
+
+
+def start_tls_server(ae: pynetdicom.AE, address, ssl_context, evt_handlers, handshake_timeout: float,
+                     on_handshake_failure=None) -> HandshakeInThreadServer:
+    """Like `ae.start_server(..., block=False, ssl_context=...)` but handshaking per thread."""
+    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
+                            server_class=HandshakeInThreadServer)
+    server.handshake_timeout = handshake_timeout
+    server.on_handshake_failure = on_handshake_failure
+    thread = threading.Thread(target=server.serve_forever, name="TlsAcceptor", daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server
