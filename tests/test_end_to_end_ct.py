@@ -19,7 +19,7 @@ from tests.validators import dciodvfy_errors, dsrdump_ok
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
 
 SLICES = 24
-STORESCP_ARGS = ("--max-pdu", "131072", "+B", "-xcr")  # -xcr: accept every storage SOP class
+STORESCP_ARGS = ("--max-pdu", "131072", "+B", "+xa", "-pm")  # all syntaxes, any SOP class
 
 
 @pytest.fixture(scope="module")
