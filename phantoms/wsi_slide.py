@@ -226,15 +226,19 @@ _STEP = 8  # fields are sampled every 8 px in a tile and bilinearly upsampled
 
 
 @lru_cache(maxsize=1)
-def _upsampler() -> np.ndarray:
+def _upsampler() -> tuple[np.ndarray, np.ndarray]:
+    """Indices and weights for linear upsampling by _STEP (no BLAS: small matmuls thrash threads)."""
     n = TILE // _STEP + 1
     pos = (np.arange(TILE) + 0.5) / _STEP
-    m = np.zeros((TILE, n), np.float32)
     i0 = np.minimum(np.floor(pos).astype(int), n - 2)
-    w = pos - i0
-    m[np.arange(TILE), i0] = 1 - w
-    m[np.arange(TILE), i0 + 1] = w
-    return m
+    return i0, (pos - i0).astype(np.float32)
+
+
+def _upsample(coarse: np.ndarray) -> np.ndarray:
+    """(c, n, n) samples every _STEP px -> (c, TILE, TILE), bilinear."""
+    i0, w = _upsampler()
+    rows = coarse[:, i0, :] * (1 - w)[None, :, None] + coarse[:, i0 + 1, :] * w[None, :, None]
+    return rows[:, :, i0] * (1 - w) + rows[:, :, i0 + 1] * w
 
 
 def render_tile(width: int, height: int, tumor: float, seed: int, level: int,
@@ -249,8 +253,7 @@ def render_tile(width: int, height: int, tumor: float, seed: int, level: int,
                        for fl in (f.tissue, f.tumor, f.pen, f.fold)])
     if coarse[0].max() <= 0 and coarse[2].max() <= 0:
         return None
-    up = _upsampler()
-    fine = up @ coarse.astype(np.float32) @ up.T
+    fine = _upsample(coarse.astype(np.float32))
     t, u, p, fo = fine[0], fine[1], fine[2], fine[3]
 
     rng = np.random.default_rng([seed, level, ty, tx, 31])
@@ -556,11 +559,11 @@ def _per_frame(row: int, col: int, spacing: float) -> Dataset:
 def _frames(width: int, height: int, tumor: float, seed: int, level: int,
             grid: list[tuple[int, int]], codec: str, pool: ProcessPoolExecutor | None,
             blank: bool) -> Iterator[bytes]:
-    blank = encode_frame(np.broadcast_to(BACKGROUND.astype(np.uint8), (TILE, TILE, 3)).copy(), codec)
+    glass = encode_frame(np.broadcast_to(BACKGROUND.astype(np.uint8), (TILE, TILE, 3)).copy(), codec)
     jobs = ((width, height, tumor, seed, level, ty, tx, codec, blank) for ty, tx in grid)
     results = pool.map(_encode_tile, jobs, chunksize=64) if pool else map(_encode_tile, jobs)
     for data in results:
-        yield blank if data is None else data
+        yield glass if data is None else data
 
 
 def _write_associated(out: Path, kind: str, seed: int, patient_name: str | None, codec: str,
