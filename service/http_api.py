@@ -74,12 +74,20 @@ async def list_models(request: Request) -> JSONResponse:
         for c in current_node().cards]})
 
 
+async def answered_by_token_gate(request: Request) -> JSONResponse:
+    """Never reached: the token gate (service/auth.py) answers /login and /logout itself. The
+    routes exist because BentoML's mount passes a path to this app only when a route matches."""
+    return JSONResponse({"error": "not found"}, status_code=404)
+
+
 API_ROUTES = [
     Route("/studies", list_studies, methods=["GET"]),
     Route("/studies/{study_uid}", get_study, methods=["GET"]),
     Route("/studies/{study_uid}/run", run_study, methods=["POST"]),
     Route("/deliveries/{delivery_id}/resend", resend_delivery, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
+    Route("/login", answered_by_token_gate, methods=["GET", "HEAD", "POST"]),
+    Route("/logout", answered_by_token_gate, methods=["GET", "HEAD"]),
 ]
 
 
