@@ -119,6 +119,7 @@ class DicomListener:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_end),
@@ -159,7 +160,12 @@ class DicomListener:
 
     # -- handlers: one small function per event ----------------------------------------------
     def _on_conn_open(self, event) -> None:
-        pynetdicom_tuning.tune_socket(event.assoc.dul.socket.socket)
+        sock = event.assoc.dul.socket.socket
+        pynetdicom_tuning.tune_socket(sock)
+        if sock is not None:
+            # A peer that stops in the middle of a PDU leaves the DUL blocked in recv(), where
+            # pynetdicom's idle timer never fires: the socket's own timeout drops it instead.
+            sock.settimeout(self.config.network_timeout_s)
         pynetdicom_tuning.inline_store_requests(event.assoc)
 
     def _on_requested(self, event) -> None:
@@ -178,6 +184,11 @@ class DicomListener:
         LOG.info("association %s from %s at %s accepted", record.association_id, record.calling_ae,
                  record.peer_address)
 
+    def _on_rejected(self, event) -> None:
+        """pynetdicom refused an association itself: more than max_associations are open."""
+        LOG.warning("rejected association from %r at %s: max_associations (%d) reached",
+                    _calling_ae(event), event.assoc.requestor.address, self.config.max_associations)
+
     def _on_echo(self, event) -> int:
         return STATUS_SUCCESS
 
@@ -193,7 +204,8 @@ class DicomListener:
             stored = self.spool.store(event.dataset_path, calling_ae=record.calling_ae,
                                       peer_address=record.peer_address,
                                       association_id=record.association_id,
-                                      expected_sop_instance_uid=sop)
+                                      expected_sop_instance_uid=sop,
+                                      expected_sop_class_uid=str(event.request.AffectedSOPClassUID or ""))
         except SpoolError as exc:
             record.failed += 1
             status = _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND)

@@ -215,7 +215,8 @@ class Spool:
     # -- storing -----------------------------------------------------------------------------
     def store(self, source: Path, *, calling_ae: str = "", peer_address: str = "",
               association_id: str = "", expected_sop_instance_uid: str | None = None,
-              received_at: float | None = None, move: bool = True) -> StoredInstance:
+              expected_sop_class_uid: str | None = None, received_at: float | None = None,
+              move: bool = True) -> StoredInstance:
         """Put the Part 10 file `source` into the spool and describe it.
 
         `move=True` renames `source` into place when it is on the same filesystem (the
@@ -231,6 +232,11 @@ class Spool:
         if expected_sop_instance_uid is not None and sop != str(expected_sop_instance_uid).strip():
             raise UidMismatch(
                 f"dataset SOP Instance UID {sop} differs from the command's {expected_sop_instance_uid}")
+        sop_class = validate_uid(ds.get("SOPClassUID"), "SOP Class UID")
+        if expected_sop_class_uid and sop_class != str(expected_sop_class_uid).strip():
+            raise UidMismatch(f"dataset {sop} is of SOP class {sop_class}, the command announced "
+                              f"{str(expected_sop_class_uid)[:64]}")
+        # every check that can refuse runs before the file gets its final name
         final = self.path_for(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), sop)
         self._ensure_dir(final.parent)
         if move:
@@ -246,7 +252,7 @@ class Spool:
         _fsync_dir(final.parent)
         return StoredInstance(
             path=final, size=size,
-            sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOP Class UID"),
+            sop_class_uid=sop_class,
             sop_instance_uid=sop, series_uid=final.parent.name, study_uid=final.parent.parent.name,
             transfer_syntax=transfer_syntax, modality=_text(ds, "Modality"),
             body_part=_text(ds, "BodyPartExamined"),
