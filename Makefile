@@ -44,6 +44,10 @@ bench: system-deps $(VENV)/.dev-installed
 	$(BIN)/python benchmarks/time_to_result.py
 	$(BIN)/python benchmarks/model_service.py
 
+# Orthanc (the PACS) and befund on this machine, three studies through them; Ctrl-C stops both.
+demo: system-deps $(BIN)/befund
+	$(BIN)/python -m service.demo
+
 # Training needs PyTorch, which never enters the product's venv.
 .train-venv/bin/python: requirements-train.txt
 	$(PYTHON) -m venv .train-venv
