@@ -212,12 +212,17 @@ def _render_texture(rng: np.random.Generator, spacing: float, tumor: bool) -> np
 
 @lru_cache(maxsize=16)
 def texture_bank(seed: int, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """(normal, tumor) banks of shape (BANK, 256, 256, 3) rendered at the level's spacing."""
+    """(normal, tumor) banks of shape (BANK, 4 rotations, 256, 256, 3) at the level's spacing."""
     spacing = BASE_SPACING_UM * 2**level
     rng = np.random.default_rng([seed, level, 104729])
-    normal = np.stack([_render_texture(rng, spacing, False) for _ in range(BANK)])
-    tumor = np.stack([_render_texture(rng, spacing, True) for _ in range(BANK)])
-    return normal, tumor
+    normal = [_render_texture(rng, spacing, False) for _ in range(BANK)]
+    tumor = [_render_texture(rng, spacing, True) for _ in range(BANK)]
+
+    def rotations(textures: list[np.ndarray]) -> np.ndarray:  # contiguous, for fast copies
+        return np.stack([np.stack([np.ascontiguousarray(np.rot90(t, k)) for k in range(4)])
+                         for t in textures])
+
+    return rotations(normal), rotations(tumor)
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -225,20 +230,27 @@ def texture_bank(seed: int, level: int) -> tuple[np.ndarray, np.ndarray]:
 _STEP = 8  # fields are sampled every 8 px in a tile and bilinearly upsampled
 
 
+_FINE = 4  # masks are evaluated every 4 px and repeated (a 1-um staircase at the base level)
+
+
 @lru_cache(maxsize=1)
 def _upsampler() -> tuple[np.ndarray, np.ndarray]:
-    """Indices and weights for linear upsampling by _STEP (no BLAS: small matmuls thrash threads)."""
+    """Indices and weights for linear interpolation from the _STEP grid to the _FINE grid."""
     n = TILE // _STEP + 1
-    pos = (np.arange(TILE) + 0.5) / _STEP
+    pos = (np.arange(TILE // _FINE) * _FINE + _FINE / 2) / _STEP
     i0 = np.minimum(np.floor(pos).astype(int), n - 2)
     return i0, (pos - i0).astype(np.float32)
 
 
 def _upsample(coarse: np.ndarray) -> np.ndarray:
-    """(c, n, n) samples every _STEP px -> (c, TILE, TILE), bilinear."""
+    """(c, n, n) samples every _STEP px -> (c, TILE/_FINE, TILE/_FINE), bilinear (no BLAS)."""
     i0, w = _upsampler()
     rows = coarse[:, i0, :] * (1 - w)[None, :, None] + coarse[:, i0 + 1, :] * w[None, :, None]
     return rows[:, :, i0] * (1 - w) + rows[:, :, i0 + 1] * w
+
+
+def _full(mask: np.ndarray) -> np.ndarray:
+    return np.repeat(np.repeat(mask, _FINE, axis=0), _FINE, axis=1)
 
 
 def render_tile(width: int, height: int, tumor: float, seed: int, level: int,
@@ -253,21 +265,28 @@ def render_tile(width: int, height: int, tumor: float, seed: int, level: int,
                        for fl in (f.tissue, f.tumor, f.pen, f.fold)])
     if coarse[0].max() <= 0 and coarse[2].max() <= 0:
         return None
-    fine = _upsample(coarse.astype(np.float32))
-    t, u, p, fo = fine[0], fine[1], fine[2], fine[3]
+    t, u, p, fo = _upsample(coarse.astype(np.float32))
 
     rng = np.random.default_rng([seed, level, ty, tx, 31])
     normal_bank, tumor_bank = texture_bank(seed, level)
-    a = np.rot90(normal_bank[rng.integers(BANK)], int(rng.integers(4)))
-    b = np.rot90(tumor_bank[rng.integers(BANK)], int(rng.integers(4)))
-    tissue = (t > 0)[..., None]
-    tum = tissue & (u > 0)[..., None]
-    img = np.where(tissue, np.where(tum, b, a), BACKGROUND.astype(np.uint8))
-    fold = tissue & (fo > 0)[..., None]
+    a = normal_bank[rng.integers(BANK), rng.integers(4)]
+    b = tumor_bank[rng.integers(BANK), rng.integers(4)]
+    tissue = t > 0
+    if tissue.all() and not (u > 0).any():
+        img = a.copy()
+    else:
+        img = np.empty((TILE, TILE, 3), np.uint8)
+        img[:] = BACKGROUND.astype(np.uint8)
+        np.copyto(img, a, where=_full(tissue)[..., None])
+        tum = tissue & (u > 0)
+        if tum.any():
+            np.copyto(img, b, where=_full(tum)[..., None])
+    fold = tissue & (fo > 0)
     if fold.any():
-        img = np.where(fold, (img * np.array([0.78, 0.72, 0.82], np.float32)).astype(np.uint8), img)
+        darker = (img * np.array([0.78, 0.72, 0.82], np.float32)).astype(np.uint8)
+        np.copyto(img, darker, where=_full(fold)[..., None])
     if (p > 0).any():
-        alpha = np.clip(p * 6, 0, 0.85)[..., None]
+        alpha = _full(np.clip(p * 6, 0, 0.85))[..., None]
         img = (img * (1 - alpha) + INKS[seed % 2] * alpha).astype(np.uint8)
     return img
 
