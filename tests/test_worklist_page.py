@@ -1,7 +1,9 @@
 """The worklist page and the token gate, through Starlette's test client (no browser).
 
-`demo_app()` is also what the browser test serves: the worklist routes over an in-memory
-source, plus `GET /studies` and `GET /studies/{uid}` as the node's HTTP API answers them.
+`demo_app()`: the worklist routes over an in-memory source, plus `GET /studies` and
+`GET /studies/{uid}` as the node's HTTP API answers them. These tests pin what a browser test
+on the real node (test_worklist_browser.py) cannot reach cheaply: cookie flags, off-site
+redirects, the CSP and the escaped data island.
 """
 
 from __future__ import annotations
