@@ -16,6 +16,7 @@ from service.http_api import build_app
 from service.logging_setup import configure_logging
 from service.model_service import ModelService
 from service.node import Node
+from service.parent_death import die_with_parent
 
 log = logging.getLogger("befund.gateway")
 
@@ -28,6 +29,7 @@ class Gateway:
     models = bentoml.depends(ModelService)
 
     def __init__(self) -> None:
+        die_with_parent()
         configure_logging()
         self.node = Node(load_config())
         self.node.start_receiving()

@@ -21,6 +21,7 @@ from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard, load_cards
 from service.config import load_config
 from service.onnx_sessions import Predictor, build_session, default_threads
+from service.parent_death import die_with_parent
 
 log = logging.getLogger("befund.models")
 
@@ -37,6 +38,7 @@ def _default_for(cards: list[ModelCard], task: str) -> str | None:
 @bentoml.service(name="befund_models", workers=1, threads=4, traffic={"timeout": 1800})
 class ModelService:
     def __init__(self) -> None:
+        die_with_parent()
         config = load_config()
         self.spool = Path(config.spool_path).resolve()
         self.cards = {c.key: c for c in load_cards(config.models_dir)}
