@@ -22,6 +22,7 @@ from service.config import Config
 from service.dicom_listener import DicomListener
 from service.job_runner import Analyse, JobRunner
 from service.outbox import Outbox
+from service.retention import RetentionCleaner
 from service.spool import Spool, StoredInstance
 from service.state_db import StateDB
 
@@ -67,6 +68,7 @@ class Node:
                                             on_jobs=self._jobs_created)
         self.listener = DicomListener(config, self.spool, self._on_instance,
                                       self._on_association_end)
+        self.retention = RetentionCleaner(self.db, config.spool_path, config.retention_hours)
         self.runner: JobRunner | None = None
         self._metrics_stop = threading.Event()
         _current = self
@@ -79,6 +81,7 @@ class Node:
         self.listener.start()
         self.completion.start()
         self.outbox.start()
+        self.retention.start()
         threading.Thread(target=self._refresh_gauges, name="gauges", daemon=True).start()
         log.info("DICOM listener %s on port %d; %d model(s): %s", self.config.ae_title,
                  self.listener.port, len(self.cards), ", ".join(c.key for c in self.cards))
@@ -95,6 +98,7 @@ class Node:
         if self.runner:
             self.runner.stop()
         self.outbox.stop()
+        self.retention.stop()
         self.db.close()
 
     # --- events ------------------------------------------------------------------------------

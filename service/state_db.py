@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS instances (
     series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
     sop_class_uid TEXT, transfer_syntax TEXT, path TEXT NOT NULL, size INTEGER,
     instance_number INTEGER, number_of_frames INTEGER,
-    calling_ae TEXT, peer_address TEXT, association_id TEXT, received_at REAL
+    calling_ae TEXT, peer_address TEXT, association_id TEXT, received_at REAL,
+    purged_at REAL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE INDEX IF NOT EXISTS instances_assoc ON instances(association_id);
@@ -105,6 +106,13 @@ class StateDB:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a DB was first created (CREATE TABLE IF NOT EXISTS keeps old tables)."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(instances)")}
+        if "purged_at" not in columns:
+            self._db.execute("ALTER TABLE instances ADD COLUMN purged_at REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -344,6 +352,53 @@ class StateDB:
                    WHERE id=? AND state IN ('dead','delivered','pending')""",
                 (time.time(), delivery_id))
             return cur.rowcount == 1
+
+    # --- retention -----------------------------------------------------------------------
+
+    def series_due_for_purge(self, done_before: float) -> list[str]:
+        """Series with unpurged instances whose results were all delivered before `done_before`.
+
+        Not due: a series still receiving, one with a queued or running job, one with an
+        outbox row that is not delivered (pending or dead), or a routed series without jobs.
+        A series that no model takes is due `done_before` after it was completed.
+        """
+        return [r["series_uid"] for r in self.query(
+            """SELECT s.series_uid, s.completed_at FROM series s
+               WHERE s.state IN ('routed', 'no_model', 'ignored')
+                 AND EXISTS (SELECT 1 FROM instances i
+                             WHERE i.series_uid=s.series_uid AND i.purged_at IS NULL)
+                 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid=s.series_uid
+                                 AND j.state IN ('queued', 'running'))
+                 AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON j.id=o.job_id
+                                 WHERE j.series_uid=s.series_uid AND o.state != 'delivered')
+                 AND (s.state != 'routed'
+                      OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid=s.series_uid))
+            """, ())
+            if self._done_at(r["series_uid"], r["completed_at"]) < done_before]
+
+    def _done_at(self, series_uid: str, completed_at: float | None) -> float:
+        """When the series' last job finished or its last result was delivered."""
+        row = self.query_one(
+            """SELECT MAX(t) AS t FROM (
+                   SELECT finished_at AS t FROM jobs WHERE series_uid=?
+                   UNION ALL
+                   SELECT o.delivered_at FROM outbox o JOIN jobs j ON j.id=o.job_id
+                   WHERE j.series_uid=?)""", (series_uid, series_uid))
+        return (row and row["t"]) or completed_at or 0.0
+
+    def mark_series_purged(self, series_uid: str, at: float) -> list[str]:
+        """Mark the series' instances purged (unless it started receiving again); return their paths."""
+        with self.transaction() as db:
+            state = db.execute("SELECT state FROM series WHERE series_uid=?",
+                               (series_uid,)).fetchone()
+            if state is None or state["state"] == "receiving":
+                return []
+            rows = db.execute(
+                "SELECT path FROM instances WHERE series_uid=? AND purged_at IS NULL",
+                (series_uid,)).fetchall()
+            db.execute("UPDATE instances SET purged_at=? WHERE series_uid=? AND purged_at IS NULL",
+                       (at, series_uid))
+            return [r["path"] for r in rows]
 
     # --- reading for the API and the worklist ---------------------------------------------
 
