@@ -318,7 +318,11 @@ COMPRESSION_METHOD = {"jpeg": "ISO_10918_1", "jpeg2000": "ISO_15444_1"}
 
 @lru_cache(maxsize=1)
 def _icc_profile() -> bytes:
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    # fixed creation date (header bytes 24-35) and no profile ID (84-99): same bytes every run
+    icc[24:36] = struct.pack(">6H", 2024, 1, 1, 0, 0, 0)
+    icc[84:100] = bytes(16)
+    return bytes(icc)
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -575,13 +579,37 @@ def _per_frame(row: int, col: int, spacing: float) -> Dataset:
     return item
 
 
+def _content_grid(f: SlideFields, level: int, nty: int, ntx: int) -> np.ndarray:
+    """(nty, ntx) bool: tiles that may hold tissue or ink (conservative: any positive field cell
+    within the tile's bilinear support, plus one cell of margin). Other tiles are plain glass."""
+    pos = ((f.tissue > 0) | (f.pen > 0)).astype(np.int64)
+    integral = np.zeros((pos.shape[0] + 1, pos.shape[1] + 1), np.int64)
+    integral[1:, 1:] = pos.cumsum(0).cumsum(1)
+    span = TILE * 2**level / f.cell
+
+    def bounds(n: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip(np.floor(np.arange(n) * span - 0.5).astype(int) - 1, 0, limit)
+        hi = np.clip(np.ceil((np.arange(n) + 1) * span - 0.5).astype(int) + 2, 0, limit)
+        return lo, hi
+
+    y0, y1 = bounds(nty, pos.shape[0])
+    x0, x1 = bounds(ntx, pos.shape[1])
+    total = (integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0])
+    return total > 0
+
+
 def _frames(width: int, height: int, tumor: float, seed: int, level: int,
             grid: list[tuple[int, int]], codec: str, pool: ProcessPoolExecutor | None,
             blank: bool) -> Iterator[bytes]:
     glass = encode_frame(np.broadcast_to(BACKGROUND.astype(np.uint8), (TILE, TILE, 3)).copy(), codec)
-    jobs = ((width, height, tumor, seed, level, ty, tx, codec, blank) for ty, tx in grid)
+    nty = max(ty for ty, _ in grid) + 1
+    ntx = max(tx for _, tx in grid) + 1
+    content = _content_grid(slide_fields(width, height, tumor, seed, blank), level, nty, ntx)
+    wanted = [(ty, tx) for ty, tx in grid if content[ty, tx]]
+    jobs = ((width, height, tumor, seed, level, ty, tx, codec, blank) for ty, tx in wanted)
     results = pool.map(_encode_tile, jobs, chunksize=64) if pool else map(_encode_tile, jobs)
-    for data in results:
+    for ty, tx in grid:
+        data = next(results) if content[ty, tx] else None
         yield glass if data is None else data
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -26,10 +28,13 @@ def slide(tmp_path_factory):
     return write_wsi_slide(out, W, H, tumor=0.3, seed=11, label=True, overview=True)
 
 
-def test_same_seed_writes_the_same_bytes(slide, tmp_path):
-    again = write_wsi_slide(tmp_path, W, H, tumor=0.3, seed=11, label=True, overview=True)
-    assert [p.name for p in again] == [p.name for p in slide]
-    assert [_digest(p) for p in again] == [_digest(p) for p in slide]
+def test_same_seed_writes_the_same_bytes_in_another_process(slide, tmp_path):
+    subprocess.run([sys.executable, "-m", "phantoms.wsi_slide", str(tmp_path), "--width", str(W),
+                    "--height", str(H), "--tumor", "0.3", "--seed", "11"], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    again = sorted(tmp_path.glob("*.dcm"))
+    assert [p.name for p in again] == sorted(p.name for p in slide)
+    assert [_digest(p) for p in again] == [_digest(p) for p in sorted(slide)]
 
 
 def test_pyramid_levels_share_series_and_frame_of_reference(slide):
