@@ -250,10 +250,10 @@ def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer
     score = aggregate(tile_probs, card.postprocessing.aggregation)
     tumor_tiles = int((tile_probs >= TUMOR_TILE_PROBABILITY).sum())
     tile_mm2 = (tile_um / 1000.0) ** 2
-    order = np.argsort(-np.nan_to_num(probs, nan=-1.0), axis=None)[: card.postprocessing.key_images]
+    kept = np.argwhere(keep)
+    top = kept[np.argsort(-tile_probs, kind="stable")[: card.postprocessing.key_images]]
     key_images = []
-    for flat in order:
-        r, c = divmod(int(flat), cols)
+    for r, c in top:
         ty = min(int((r + 0.5) * read_px), level.rows - 1) // level.tile_rows
         tx = min(int((c + 0.5) * read_px), level.cols - 1) // level.tile_cols
         frame = level.frame_at(ty, tx)
