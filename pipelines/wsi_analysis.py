@@ -124,10 +124,12 @@ def chunk_jobs(level: Level, keep: np.ndarray, read_px: int, out_px: int) -> lis
 
 def normalise(tiles: np.ndarray, pre: WsiPreprocessing) -> np.ndarray:
     """uint8 (n, H, W, 3) -> float32 (n, 3, H, W), (x / 255 - mean) / std per channel."""
-    mean = np.asarray(pre.mean, np.float32) * 255.0
-    inv_std = 1.0 / (np.asarray(pre.std, np.float32) * 255.0)
-    x = (tiles.astype(np.float32) - mean) * inv_std
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    mean = (np.asarray(pre.mean, np.float32) * 255.0)[:, None, None]
+    inv_std = (1.0 / (np.asarray(pre.std, np.float32) * 255.0))[:, None, None]
+    x = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2), dtype=np.float32)  # one copy: layout + type
+    x -= mean
+    x *= inv_std
+    return x
 
 
 class _Batcher:
