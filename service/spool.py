@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -207,8 +206,10 @@ class Spool:
             for keyword in HEADER_KEYWORDS:
                 ds.get(keyword)
             ts = str(ds.file_meta.TransferSyntaxUID)
-        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
-                NotImplementedError, OverflowError) as exc:
+        except OSError:
+            raise  # the disk, not the data: the listener answers out of resources
+        except Exception as exc:  # noqa: BLE001 - hostile bytes reach pydicom's parser, which raises
+            # many kinds (struct.error, BytesLengthException, IndexError, ...): all mean unreadable
             raise UnreadableInstance(f"dataset does not parse: {type(exc).__name__}") from exc
         return ds, ts
 
