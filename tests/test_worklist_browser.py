@@ -1,22 +1,24 @@
-"""The worklist in a real browser (Debian's Chromium driven by Playwright, offline).
+"""The worklist of the REAL node in a real browser (Debian's Chromium driven by Playwright, offline).
 
-Served by uvicorn: the worklist routes and the token gate over an in-memory study source with
-the same JSON as the node's `GET /studies` (see `test_worklist_page.demo_app`). Screenshots go
-to tests/artifacts/ (gitignored).
+One node serves this module: storescu sends it a bleed, a normal head CT, a 3-slice series the
+ICH model refuses, and a study whose patient is called `<script>alert(1)</script>`. The page
+must list the positive above the negative, show "not analysed" with its reason, show the name
+as text, refuse access without the token, and update without a reload. Screenshots go to
+tests/artifacts/ (gitignored).
 """
 
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from pathlib import Path
 
+import pydicom
 import pytest
-import uvicorn
 
-from tests.dicom_peers import free_port
-from tests.test_worklist_page import EVIL, TOKEN, _row, demo_app
+from phantoms.ct_head import write_ct_series
+from tests.dicom_peers import have_dcmtk, run_storescu
+from tests.node_harness import TOKEN, RunningNode
+from tests.test_orthanc_round_trip import trained_models_dir
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -24,25 +26,36 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
+EVIL = "<script>alert(1)</script>"
+FINAL = {"done", "delivered", "not analysed"}
 
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason="needs Debian's chromium")
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) or not have_dcmtk(),
+                                reason="needs Debian's chromium and dcmtk")
+
+
+def send(node: RunningNode, folder: Path, finding: str, seed: int, slices: int = 24,
+         patient_name: str | None = None) -> str:
+    files = write_ct_series(folder, finding=finding, slices=slices, seed=seed,
+                            patient_name=patient_name)
+    sent = run_storescu(files, ae="MODALITY", port=node.dicom_port, timeout=120)
+    assert sent.returncode == 0, sent.output
+    return pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
 
 
 @pytest.fixture(scope="module")
-def server():
-    app = demo_app()
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                        lifespan="off"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)  # poll under a deadline
-    yield f"http://127.0.0.1:{port}", app.app.state.store
-    srv.should_exit = True
-    thread.join(10)
+def studied_node(tmp_path_factory):
+    """The node after it analysed four studies: {name: study uid}."""
+    work = tmp_path_factory.mktemp("worklist")
+    with RunningNode(work / "node", models_dir=str(trained_models_dir(work / "models"))) as node:
+        studies = {
+            "positive": send(node, work / "pos", "subdural", 9401, patient_name="Positiv^Paul"),
+            "negative": send(node, work / "neg", "none", 9402, patient_name="Negativ^Nora"),
+            "short": send(node, work / "short", "none", 9403, slices=3, patient_name="Kurz^Karl"),
+            "evil": send(node, work / "evil", "none", 9404, patient_name=EVIL),
+        }
+        for uid in studies.values():
+            node.wait_study_state(uid, FINAL, timeout=120)
+        yield node, studies
 
 
 @pytest.fixture(scope="module")
@@ -72,73 +85,73 @@ def login(page, base: str) -> None:
     page.wait_for_selector("#rows tr")
 
 
-def test_without_token_browser_gets_login_form_and_api_gets_401(page, server):
-    base, _ = server
+def row(page, uid: str):
+    return page.locator(f'tr[data-study-uid="{uid}"]')
+
+
+def test_without_token_browser_gets_login_form_and_api_gets_401(page, studied_node):
+    node, _ = studied_node
+    base = node.url
     page.goto(base + "/")
     assert page.url.startswith(base + "/login")
     assert page.is_visible("#token")
+    assert page.locator("#rows tr").count() == 0
     api = page.request.get(base + "/studies", headers={"Accept": "application/json"})
-    assert api.status == 401 and api.json()["error"] == "unauthorised"
+    assert api.status == 401
     page.fill("#token", "wrong-token")
     page.click("button[type=submit]")
     assert "not this node" in page.inner_text(".error")
     assert page.request.get(base + "/studies").status == 401
 
 
-def test_login_then_worklist_orders_flags_and_escapes(page, server):
-    base, _ = server
-    login(page, base)
+def test_login_then_positive_above_negative_not_analysed_reason_and_escaped_name(page, studied_node):
+    node, uid = studied_node
+    login(page, node.url)
     order = page.eval_on_selector_all("#rows tr", "rows => rows.map(r => r.dataset.studyUid)")
-    assert order[0] == "1.2.3.2"  # the positive study first
-    assert order[1] == "1.2.3.3"  # then the one not analysed
-    assert order.index("1.2.3.2") < order.index("1.2.3.1")  # positive above negative
-    positive = page.locator('tr[data-study-uid="1.2.3.2"]')
-    assert "Present" in positive.inner_text() and "97%" in positive.inner_text()
-    negative = page.locator('tr[data-study-uid="1.2.3.1"]')
-    assert "Absent" in negative.inner_text()
-    na = page.locator('tr[data-study-uid="1.2.3.3"]')
-    assert "Not analysed" in na.inner_text()
-    assert "1 slice, the ICH model needs at least 16" in na.inner_text()
-    failed = page.locator('tr[data-study-uid="1.2.3.5"]')
-    assert "Delivery failed" in failed.inner_text()
-    # A patient called <script>alert(1)</script> is shown as text and runs nothing.
-    evil = page.locator('tr[data-study-uid="1.2.3.4"] a.patient')
-    assert evil.inner_text() == EVIL
+    assert order.index(uid["positive"]) < order.index(uid["negative"])
+    assert order[0] == uid["positive"]
+    positive = row(page, uid["positive"]).inner_text()
+    assert "Present" in positive and "ich_ct" in positive and "%" in positive
+    assert "Absent" in row(page, uid["negative"]).inner_text()
+    short = row(page, uid["short"]).inner_text()
+    assert "Not analysed" in short
+    assert "3 slice" in short and "16" in short  # the reason, in words
+    # The patient called <script>alert(1)</script> is shown as text and runs nothing.
+    assert row(page, uid["evil"]).locator("a.patient").inner_text() == EVIL
     assert page.dialogs == []
     assert page.evaluate("document.querySelectorAll('#rows script').length") == 0
     # The key image of the positive study loads (same origin, behind the cookie).
-    assert page.evaluate("""() => { const i = document.querySelector('tr[data-study-uid="1.2.3.2"] img');
-                                    return i && i.complete && i.naturalWidth > 0; }""")
+    assert page.evaluate(f"""() => {{
+        const i = document.querySelector('tr[data-study-uid="{uid["positive"]}"] img');
+        return !!i && i.complete && i.naturalWidth > 0; }}""")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
 
 
-def test_worklist_updates_without_reload(page, server):
-    base, store = server
-    login(page, base)
+def test_a_new_study_appears_and_gets_its_verdict_without_reload(page, studied_node, tmp_path):
+    node, _ = studied_node
+    login(page, node.url)
     page.evaluate("window.__notReloaded = true")
-    store.rows["1.2.3.9"] = _row("1.2.3.9", patient_name="Neu^Nina", accession="ACC-NEW", present=True,
-                                 certainty=0.99, received_at=time.time())
-    try:
-        page.wait_for_selector('tr[data-study-uid="1.2.3.9"]', timeout=8000)
-        assert page.evaluate("window.__notReloaded") is True
-        order = page.eval_on_selector_all("#rows tr", "rows => rows.map(r => r.dataset.studyUid)")
-        assert order[:2] == ["1.2.3.9", "1.2.3.2"]  # the newest positive on top
-    finally:
-        del store.rows["1.2.3.9"]
+    new_uid = send(node, tmp_path / "new", "epidural", 9405, patient_name="Neu^Nina")
+    page.wait_for_selector(f'tr[data-study-uid="{new_uid}"]', timeout=30_000)
+    page.wait_for_function(
+        """uid => { const r = document.querySelector(`tr[data-study-uid="${uid}"]`);
+                    return !!r && /Present|Absent/.test(r.innerText); }""",
+        arg=new_uid, timeout=90_000)
+    assert page.evaluate("window.__notReloaded") is True
+    assert node.study(new_uid)["state"] in FINAL
 
 
-def test_detail_view_shows_series_jobs_deliveries(page, server):
-    base, _ = server
-    login(page, base)
-    page.click('tr[data-study-uid="1.2.3.2"] a.patient')
-    page.wait_for_url(base + "/view/1.2.3.2")
+def test_detail_view_of_the_positive_study(page, studied_node):
+    node, uid = studied_node
+    login(page, node.url)
+    row(page, uid["positive"]).locator("a.patient").click()
+    page.wait_for_url(f"{node.url}/view/{uid['positive']}")
     page.wait_for_selector("#study h1")
     text = page.inner_text("#study")
-    assert "Positiv, Paul" in text and "ACC-POS" in text
-    assert "Head <script>alert(1)</script>" in text  # series description, as text
-    assert "infer 2.30 s" in text and "delivered" in text
+    assert "Positiv, Paul" in text and "ich_ct" in text
     assert page.dialogs == []
+    ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
     page.click("a.logout")
     page.wait_for_selector("#token")
