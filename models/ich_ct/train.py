@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import multiprocessing as mp
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -85,6 +86,12 @@ class SliceNet(nn.Module):
         f = self.features(x)
         pooled = torch.cat([torch.amax(f, dim=(2, 3)), torch.mean(f, dim=(2, 3))], dim=1)
         return self.head(pooled)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished workers (wall time depends on who else is running)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -221,6 +228,7 @@ def main() -> int:
         print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(x):.4f}, "
               f"{time.perf_counter() - t_start:.0f} s", flush=True)
     t_train = time.perf_counter() - t_start - t_data
+    cpu_train = cpu_seconds()
 
     model.eval()
     onnx_path = HERE / "model.onnx"
@@ -252,6 +260,7 @@ def main() -> int:
                             "chosen_on_seeds": f"{SELECT_SEED}..{SELECT_SEED + args.select_studies - 1}"},
         "training": {"studies": len(plan), "slices": int(len(y)), "epochs": args.epochs,
                      "parameters": int(n_params), "seconds": round(t_train + t_data),
+                     "cpu_seconds": round(cpu_train),
                      "torch": str(torch.__version__)},
         "date": dt.date.today().isoformat(),
     }
@@ -259,7 +268,7 @@ def main() -> int:
     parse_card(yaml.safe_load(card_path.read_text()), HERE)
     load_card(HERE)  # the sha256 matches
     print(yaml.safe_dump(validation, sort_keys=False))
-    print(f"total {time.perf_counter() - t_start:.0f} s")
+    print(f"total {time.perf_counter() - t_start:.0f} s wall, {cpu_seconds():.0f} CPU s")
     return 0
 
 
