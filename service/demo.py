@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ from pathlib import Path
 import pydicom
 import yaml
 
+from pipelines.model_card import CardError, load_card
 from service.config import Destination
 from service.dicom_sender import send_folder
 from service.orthanc_launcher import ORTHANC, Orthanc, free_port
@@ -46,6 +46,7 @@ STUDIES = (  # (label, finding, slices, seed, patient name)
 def port_or_free(preferred: int) -> int:
     """`preferred` if nothing listens there, else a free port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers will
         try:
             s.bind(("127.0.0.1", preferred))
             return preferred
@@ -54,17 +55,19 @@ def port_or_free(preferred: int) -> int:
 
 
 def models_with_weights(models_dir: Path, into: Path) -> Path:
-    """A models folder linking only the models whose model.onnx exists (others are announced)."""
+    """A models folder linking only the models that load (card valid, model.onnx present)."""
     into.mkdir(parents=True, exist_ok=True)
     for link in into.iterdir():
         link.unlink()
     for folder in sorted(models_dir.iterdir()):
         if not (folder / "card.yaml").is_file():
             continue
-        if (folder / "model.onnx").is_file():
-            (into / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
-        else:
-            print(f"demo: {folder.name} has no model.onnx yet; its studies will not be analysed")
+        try:
+            load_card(folder)
+        except (CardError, OSError) as exc:
+            print(f"demo: {folder.name} is left out, its studies will not be analysed: {exc}")
+            continue
+        (into / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
     return into
 
 
@@ -150,7 +153,8 @@ def wait_for_results(befund: BefundProcess, uids: dict[str, str], timeout: float
 
 def verdict(row: dict) -> str:
     if row["state"] == "not analysed":
-        return f"not analysed: {row['reason']}"
+        reason = row["reason"] or "no reason given"
+        return reason if "not analysed" in reason else f"not analysed: {reason}"
     if row["present"] is None:
         return row["state"]
     finding = "PRESENT" if row["present"] else "absent"
@@ -161,6 +165,10 @@ def verdict(row: dict) -> str:
 def results_in_orthanc(pacs: Orthanc, study_uid: str) -> list[str]:
     return [s["MainDicomTags"].get("Modality", "?") for s in pacs.find_series(study_uid)
             if s["MainDicomTags"].get("Modality") in ("SR", "SEG")]
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "models_dir": str(models_with_weights(args.models, workdir / "models")),
         "settle_s": 1.0,
     }
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo as Ctrl-C does
     with Orthanc("BEFUND", befund_dicom, lua=True, stable_age=3, explorer=True,
                  senders=(SENDER_AE,), dicom_port=port_or_free(4242),
                  http_port=port_or_free(8042), name="befund-demo-pacs") as pacs:
@@ -219,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  befund log        {workdir / 'befund.log'}")
             if not args.once:
                 print("\nCtrl-C stops Orthanc and befund.", flush=True)
-                while not stop.wait(1.0) and befund.proc.poll() is None:
-                    pass
+                while befund.proc.poll() is None:
+                    time.sleep(1.0)
+                print(f"demo: befund exited; see {workdir / 'befund.log'}")
+        except KeyboardInterrupt:
+            print("\ndemo: stopping befund and Orthanc ...", flush=True)
         finally:
             befund.stop()
             print("demo: befund and Orthanc stopped", flush=True)
