@@ -229,18 +229,27 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
     if bleed is not None and bleed.kind == "intraparenchymal":
         blob_angle = np.arctan2(v - bleed.v0, u - bleed.u0)
 
-    def box(cu: float, cv: float, radius: float) -> tuple[slice, slice]:
-        """Pixel rows and columns that hold a disc of `radius` mm around head-frame (cu, cv)."""
-        col = (np.cos(phi) * cu - np.sin(phi) * cv + shift_u) / sp + (MATRIX - 1) / 2
-        row = (np.sin(phi) * cu + np.cos(phi) * cv + shift_v) / sp + (MATRIX - 1) / 2
+    def box(cu: float, cv: float, radius: float, origin: tuple[int, int] = (0, 0),
+            shape: tuple[int, int] = (MATRIX, MATRIX)) -> tuple[slice, slice]:
+        """Pixel rows and columns (relative to `origin`, within `shape`) that hold a disc of
+        `radius` mm around head-frame (cu, cv)."""
+        col = (np.cos(phi) * cu - np.sin(phi) * cv + shift_u) / sp + (MATRIX - 1) / 2 - origin[1]
+        row = (np.sin(phi) * cu + np.cos(phi) * cv + shift_v) / sp + (MATRIX - 1) / 2 - origin[0]
         half = radius / sp + 2
-        r0, r1 = int(np.clip(row - half, 0, MATRIX)), int(np.clip(row + half + 1, 0, MATRIX))
-        c0, c1 = int(np.clip(col - half, 0, MATRIX)), int(np.clip(col + half + 1, 0, MATRIX))
+        r0, r1 = int(np.clip(row - half, 0, shape[0])), int(np.clip(row + half + 1, 0, shape[0]))
+        c0, c1 = int(np.clip(col - half, 0, shape[1])), int(np.clip(col + half + 1, 0, shape[1]))
         return slice(r0, r1), slice(c0, c1)
+
+    # everything below works on the head's bounding box only; outside it there is air
+    head = box(0.0, 0.0, max(an.a, an.b) + 1.0)
+    u, v, r2, q2, theta, sulc_base = (x[head] for x in (u, v, r2, q2, theta, sulc_base))
+    dtheta = None if dtheta is None else dtheta[head]
+    blob_angle = None if blob_angle is None else blob_angle[head]
+    origin, crop = (head[0].start, head[1].start), u.shape
 
     def ellipsoid(cu, cv, ru, rv, rz, dz) -> tuple[tuple[slice, slice], np.ndarray]:
         """Where the ellipsoid cuts this slice: its box and the mask inside the box."""
-        b = box(cu, cv, max(ru, rv))
+        b = box(cu, cv, max(ru, rv), origin, crop)
         return b, ((u[b] - cu) / ru) ** 2 + ((v[b] - cv) / rv) ** 2 + (dz / rz) ** 2 < 1
 
     inner = an.scalp + an.skull
@@ -253,7 +262,8 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
         p = np.sqrt(r2 + z * z)
         depth = p * (1.0 / np.maximum(rho, 1e-6) - 1.0)  # mm inward from the skin, along the ray
         db = depth - inner  # mm inward from the inner table
-        img = np.full(u.shape, -1000.0, dtype=np.float32)
+        full = np.full((MATRIX, MATRIX), -1000.0, dtype=np.float32)
+        img = full[head]  # a view: painting img paints the slice
         img[depth >= 0] = 30.0  # skin
         img[depth >= an.skin] = -100.0  # subcutaneous fat
         skull = (depth >= an.scalp) & (db < 0)
@@ -303,8 +313,8 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
         if bleed is not None and abs(z - bleed.z0) < bleed.hz:
             mask = _bleed_mask(bleed, z, u, v, db, brain, g, dtheta, blob_angle, sylvian, cisterns, img)
             area[k] = float(mask.sum()) * sp * sp
-        img += noise_rng.standard_normal(u.shape, dtype=np.float32) * an.noise
-        hu[k] = np.clip(np.rint(img), HU_MIN, HU_MAX)
+        full += noise_rng.standard_normal((MATRIX, MATRIX), dtype=np.float32) * an.noise
+        hu[k] = np.clip(np.rint(full), HU_MIN, HU_MAX)
 
     x0 = float(-(MATRIX - 1) / 2 * sp)
     return CtPhantom(seed=seed, finding=finding, hu=hu, z_mm=zs + table_z, bleed_area_mm2=area,
