@@ -199,7 +199,7 @@ def main() -> int:
     w = np.concatenate([p[2] for p in parts])
     t_data = time.perf_counter() - t_start
     print(f"data: {len(x)} slices from {len(plan)} studies, {int(y.sum())} positive, "
-          f"{int((w == 0).sum())} ignored, {t_data:.0f} s", flush=True)
+          f"{int((w == 0).sum())} ignored, {t_data:.0f} s, {cpu_seconds():.0f} CPU s", flush=True)
 
     model = SliceNet(x.shape[1])
     n_params = sum(p.numel() for p in model.parameters())
@@ -226,7 +226,7 @@ def main() -> int:
             sched.step()
             total += float(loss.detach()) * len(b)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(x):.4f}, "
-              f"{time.perf_counter() - t_start:.0f} s", flush=True)
+              f"{time.perf_counter() - t_start:.0f} s, {cpu_seconds():.0f} CPU s", flush=True)
     t_train = time.perf_counter() - t_start - t_data
     cpu_train = cpu_seconds()
 
