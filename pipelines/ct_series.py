@@ -105,8 +105,12 @@ def read_header(path: str | Path) -> SliceHeader:
     )
 
 
-def sort_stack(headers: Sequence[SliceHeader], pre: CtPreprocessing) -> tuple[list[SliceHeader], np.ndarray]:
-    """Check the headers form one axial stack the model can take; return them sorted, with positions."""
+def sort_stack(headers: Sequence[SliceHeader], pre: CtPreprocessing,
+               model: str = "the model") -> tuple[list[SliceHeader], np.ndarray]:
+    """Check the headers form one axial stack the model can take; return them sorted, with positions.
+
+    `model` names the model in reasons ("the ich_ct model needs at least 16").
+    """
     if not headers:
         raise NotAnalysable("series not analysed: no instances were given")
     first = headers[0]
@@ -117,7 +121,7 @@ def sort_stack(headers: Sequence[SliceHeader], pre: CtPreprocessing) -> tuple[li
     n = len(headers)
     if n < pre.min_slices:
         noun = "slice" if n == 1 else "slices"
-        raise NotAnalysable(f"series {series} not analysed: {n} {noun}, the model needs at least "
+        raise NotAnalysable(f"series {series} not analysed: {n} {noun}, {model} needs at least "
                             f"{pre.min_slices}")
     orient = np.array([h.orientation for h in headers])
     if np.abs(orient - orient[0]).max() > ORIENTATION_TOLERANCE:
@@ -181,14 +185,15 @@ def decode_chunk(items: Sequence[tuple[str, float, float, str]], integral: bool,
 
 def load_ct_series(paths: Sequence[str | Path], pre: CtPreprocessing, executor: Executor | None = None,
                    chunk_size: int | None = None,
-                   transform: Callable[[np.ndarray], np.ndarray] | None = None) -> CtSeries:
+                   transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                   model: str = "the model") -> CtSeries:
     """Read, check, sort and decode a series; raise NotAnalysable with a radiographer's reason.
 
     `transform` (picklable, e.g. a functools.partial of a module-level function) runs on each
     decoded (k, H, W) chunk where it was decoded, in the worker when there is an executor;
     `CtSeries.hu` then holds the concatenated transformed chunks instead of HU.
     """
-    headers, pos = sort_stack([read_header(p) for p in paths], pre)
+    headers, pos = sort_stack([read_header(p) for p in paths], pre, model)
     integral = _rescale_is_integral(headers)
     items = [(h.path, h.slope, h.intercept, h.transfer_syntax) for h in headers]
     try:

@@ -73,7 +73,7 @@ def analyse_ct_series(card: ModelCard, paths: Sequence[str | Path], infer: Infer
     # parallel, and a quarter-size array crosses back); "preprocess" then times only what is left
     in_workers = partial(window_resize, windows=pre.windows, size=pre.size) if executor else None
     try:
-        series = load_ct_series(paths, pre, executor, transform=in_workers)
+        series = load_ct_series(paths, pre, executor, transform=in_workers, model=f"the {card.name} model")
     except NotAnalysable as exc:
         return AnalysisResult.not_analysed(str(exc), load=time.perf_counter() - t0)
     t1 = time.perf_counter()

@@ -184,7 +184,7 @@ def test_negative_study_still_names_key_images(series_dir, card):
 
 def test_a_short_series_becomes_a_not_analysed_result(series_dir, card):
     result = analyse_ct_series(card, _paths(series_dir)[:3], _bright_slices)
-    assert not result.analysed and "3 slices, the model needs at least 16" in result.reason
+    assert not result.analysed and "3 slices, the ich_ct model needs at least 16" in result.reason
 
 
 def test_worker_processes_give_the_same_scores_as_one_process(series_dir, card):
