@@ -112,14 +112,23 @@ class BefundProcess:
         with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310
             return {s["study_uid"]: s for s in json.loads(r.read())["studies"]}
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to BentoML's arbiter, which stops its workers; kill whatever is left after
+        `grace_s` (the state DB and spool are durable, so a kill loses nothing)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=30)
 
 
 def write_studies(folder: Path) -> list[tuple[str, Path, str]]:
