@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom.config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -31,6 +32,7 @@ from service.spool import (
     StoredInstance,
     UidMismatch,
     UnreadableInstance,
+    shown_uid,
 )
 
 LOG = logging.getLogger("befund.receive")
@@ -106,6 +108,10 @@ class DicomListener:
     def start(self) -> None:
         """Start serving in background threads (returns at once)."""
         pynetdicom_tuning.apply()
+        # pydicom warns about invalid values with the value in the message ("Invalid value for VR
+        # UI: '<whatever the sender put there>'"), which the node's log would then carry, patient
+        # data included. The spool validates what it relies on (UIDs) itself.
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         self.spool.sweep_tmp()
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu
@@ -280,8 +286,8 @@ def _calling_ae(event) -> str:
 
 
 def _safe_uid(text: str) -> str:
-    """A UID for a log line: printable, bounded (the peer chose it)."""
-    return text[:80].encode("ascii", "backslashreplace").decode()
+    """A UID for a log line: the peer chose it, so only a well-formed UID is shown as it is."""
+    return shown_uid(text.strip())
 
 
 def spool_for(config: Config) -> Spool:

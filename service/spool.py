@@ -104,9 +104,20 @@ def validate_uid(uid: object, what: str) -> str:
     if not text:
         raise InvalidUid(f"{what} is missing")
     if len(text) > UID_MAX_LEN or not UID_RE.fullmatch(text):
-        shown = text[:80].encode("ascii", "backslashreplace").decode()
-        raise InvalidUid(f"{what} {shown!r} is not a valid UID (digits and dots, at most 64 characters)")
+        # the value itself is not shown: a sender may have put anything there, patient data included
+        raise InvalidUid(f"{what} {shown_uid(text)} is not a valid UID (digits and dots, at most 64 "
+                         "characters)")
     return text
+
+
+def shown_uid(text: str) -> str:
+    """A peer-supplied UID as a log line may show it: itself when well formed, else only its shape."""
+    text = str(text)
+    if len(text) <= UID_MAX_LEN and UID_RE.fullmatch(text):
+        return text
+    bad = next((i for i, ch in enumerate(text) if not (ch.isascii() and (ch.isdigit() or ch == "."))), None)
+    where = f", first bad character at {bad + 1}" if bad is not None else ""
+    return f"(withheld: {len(text)} characters{where})"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -231,12 +242,12 @@ class Spool:
         ds, transfer_syntax = self.read_header(source)
         sop = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
         if expected_sop_instance_uid is not None and sop != str(expected_sop_instance_uid).strip():
-            raise UidMismatch(
-                f"dataset SOP Instance UID {sop} differs from the command's {expected_sop_instance_uid}")
+            raise UidMismatch(f"dataset SOP Instance UID {sop} differs from the command's "
+                              f"{shown_uid(str(expected_sop_instance_uid).strip())}")
         sop_class = validate_uid(ds.get("SOPClassUID"), "SOP Class UID")
         if expected_sop_class_uid and sop_class != str(expected_sop_class_uid).strip():
             raise UidMismatch(f"dataset {sop} is of SOP class {sop_class}, the command announced "
-                              f"{str(expected_sop_class_uid)[:64]}")
+                              f"{shown_uid(str(expected_sop_class_uid).strip())}")
         # every check that can refuse runs before the file gets its final name
         final = self.path_for(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), sop)
         self._ensure_dir(final.parent)
