@@ -345,3 +345,27 @@ def load_cards(models_dir: str | Path, verify: bool = True) -> list[ModelCard]:
     if dupes:
         raise CardError(f"{root}: more than one card claims {', '.join(sorted(dupes))}")
     return cards
+
+
+def usable_cards(models_dir: str | Path) -> tuple[list[ModelCard], dict[str, str]]:
+    """The cards that load, and for each folder that does not, why.
+
+    One broken model folder (a card with a typo, an ONNX file still being trained) must not
+    stop the node from serving the models that are fine; the node logs and shows the errors.
+    """
+    root = Path(models_dir)
+    cards: list[ModelCard] = []
+    errors: dict[str, str] = {}
+    if not root.is_dir():
+        return cards, {str(root): "models folder does not exist"}
+    for folder in sorted(p for p in root.iterdir() if (p / "card.yaml").is_file()):
+        try:
+            card = load_card(folder)
+        except CardError as exc:
+            errors[folder.name] = str(exc)
+            continue
+        if any(c.key == card.key for c in cards):
+            errors[folder.name] = f"{card.key} is already served by another folder"
+            continue
+        cards.append(card)
+    return cards, errors

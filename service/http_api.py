@@ -68,10 +68,13 @@ async def resend_delivery(request: Request) -> JSONResponse:
 
 
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"models": [
-        {"key": c.key, "name": c.name, "version": c.version, "task": c.task,
-         "intended_use": c.intended_use, "validation": c.validation}
-        for c in current_node().cards]})
+    node = current_node()
+    return JSONResponse({
+        "models": [{"key": c.key, "name": c.name, "version": c.version, "task": c.task,
+                    "intended_use": c.intended_use, "validation": c.validation}
+                   for c in node.cards],
+        "refused": [{"folder": folder, "error": error}
+                    for folder, error in node.card_errors.items()]})
 
 
 async def answered_by_token_gate(request: Request) -> JSONResponse:

@@ -18,7 +18,7 @@ import bentoml
 import numpy as np
 
 from pipelines.findings import AnalysisResult
-from pipelines.model_card import ModelCard, load_cards
+from pipelines.model_card import ModelCard, usable_cards
 from service.config import load_config
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.parent_death import die_with_parent
@@ -41,7 +41,10 @@ class ModelService:
         die_with_parent()
         config = load_config()
         self.spool = Path(config.spool_path).resolve()
-        self.cards = {c.key: c for c in load_cards(config.models_dir)}
+        cards, errors = usable_cards(config.models_dir)
+        for folder, error in errors.items():
+            log.error("model %s not loaded: %s", folder, error)
+        self.cards = {c.key: c for c in cards}
         threads = config.inference_threads or default_threads(reserved=0)
         self.predictors = {
             key: Predictor(card, build_session(card, config.inference_provider, threads))
@@ -54,6 +57,10 @@ class ModelService:
         self.default_ct = _default_for(list(self.cards.values()), "ct-slices")
         self.default_wsi = _default_for(list(self.cards.values()), "wsi-tiles")
         log.info("model service ready: %s", ", ".join(self.cards))
+
+    @bentoml.on_shutdown
+    def stop_decoders(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _check_paths(self, paths: list[str]) -> list[str]:
         for p in paths:

@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pipelines.model_card import ModelCard, load_cards
+from pipelines.model_card import ModelCard, usable_cards
 from service import metrics
 from service.completion_watcher import CompletionWatcher
 from service.config import Config
@@ -59,7 +59,12 @@ class Node:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         config.var_path.mkdir(parents=True, exist_ok=True)
         self.token = load_or_create_token(config)
-        self.cards = cards if cards is not None else load_cards(config.models_dir)
+        self.card_errors: dict[str, str] = {}
+        if cards is None:
+            cards, self.card_errors = usable_cards(config.models_dir)
+            for folder, error in self.card_errors.items():
+                log.error("model %s not loaded: %s", folder, error)
+        self.cards = cards
         self.db = StateDB(config.db_path)
         self.spool = Spool(config.spool_path, config.min_free_bytes,
                            max_instance_bytes=config.max_instance_bytes)
@@ -110,6 +115,7 @@ class Node:
             metrics.BYTES_RECEIVED.inc(inst.size)
 
     def _on_association_end(self, association_id: str, calling_ae: str) -> None:
+        metrics.ASSOCIATIONS.labels("accepted").inc()
         self.db.record_association_end(association_id, time.time())
         self.completion.wake.set()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tests.dicom_peers import free_port, run_echoscu
+from tests.dicom_peers import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 BEFUND = Path(sys.executable).parent / "befund"
@@ -47,7 +48,8 @@ class RunningNode:
         self.config: dict[str, Any] = {
             "ae_title": "BEFUND", "dicom_host": "127.0.0.1", "dicom_port": self.dicom_port,
             "http_port": self.http_port, "var_dir": str(self.var),
-            "models_dir": str(PROJECT / "models"), "token": TOKEN,
+            "models_dir": os.environ.get("BEFUND_TEST_MODELS_DIR", str(PROJECT / "models")),
+            "token": TOKEN,
             "settle_s": 1.0, "quiet_s": 20.0, "job_workers": 1,
             "delivery": {"initial_backoff_s": 0.5, "max_backoff_s": 2.0},
         }
@@ -93,7 +95,11 @@ class RunningNode:
                     return False
         except (urllib.error.URLError, OSError):
             return False
-        return run_echoscu(port=self.dicom_port, timeout=10).returncode == 0
+        try:  # the DICOM port accepts connections (a C-ECHO may be refused by the allow-list)
+            with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):
+                return True
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """kill -9 the whole process group: no shutdown hooks, like a power cut for the node."""
@@ -103,12 +109,20 @@ class RunningNode:
         self._close_log()
 
     def stop(self) -> None:
+        """SIGTERM to BentoML's arbiter only: it stops its workers cleanly (a group-wide SIGTERM
+        leaves the arbiter waiting); anything left after that is killed."""
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                pass
+        if self.proc:
+            try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.proc.poll() is None:
                 self.proc.wait(timeout=30)
         self._close_log()
 

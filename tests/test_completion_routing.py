@@ -85,7 +85,7 @@ def instance(series="1.2.3.1", sop="1.2.3.1.1", assoc="a1", **kw):
         modality="CT", body_part="HEAD", descriptions=("", ""), image_type=("ORIGINAL",),
         instance_number=1, number_of_frames=None, patient_name="X^Y", patient_id="P1",
         accession="A1", study_date="20260101", calling_ae="SCU", peer_address="127.0.0.1",
-        association_id=assoc, received_at=time.time())
+        association_id=assoc, received_at=time.time() - 20)
     return replace(base, **kw)
 
 
