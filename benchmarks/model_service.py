@@ -35,14 +35,13 @@ from tests.node_harness import poll  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 GOAL = 0.9
-PICKLE = "application/vnd.bentoml+pickle"
 
 
 def start_model_service(var: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "BEFUND_VAR_DIR": str(var), "BEFUND_MODELS_DIR": str(ROOT / "models")}
     log = open(var / "model_service.log", "wb")  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service.model_service:ModelService",
+        [sys.executable, "-m", "bentoml", "serve", "benchmarks.bench_service:Bench",
          "--port", str(port), "--host", "127.0.0.1", "--working-dir", str(ROOT)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -64,8 +63,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    import bentoml
-
     card = load_card(ROOT / "models" / "ich_ct")
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp) / "var"
@@ -83,25 +80,30 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             poll(lambda: _ready(url), 120, 0.25, "model service ready")
-            client = bentoml.SyncHTTPClient(url, media_type=PICKLE, timeout=600)
-            # Warm-up both sides.
-            raw(batches[0])
-            client.infer_ct(tensor=batches[0])
-            out_raw = np.concatenate([raw(b) for b in batches])
-            out_svc = np.concatenate([client.infer_ct(tensor=b) for b in batches])
-            assert np.allclose(out_raw, out_svc, atol=1e-4), "service and raw outputs differ"
-            raw_s = timed(lambda: [raw(b) for b in batches], args.repeat)
-            svc_s = timed(lambda: [client.infer_ct(tensor=b) for b in batches], args.repeat)
-            # The endpoint the gateway calls: paths in, findings out.
+            bench = _http_json(url)
+            raw(batches[0])  # warm-up
+            out_raw = np.concatenate([raw(b) for b in batches]).ravel()
             spool_paths = [str(p) for p in paths]
+            svc = bench("time_infer", model_key=card.key, paths=spool_paths, batch=args.batch,
+                        repeat=args.repeat)
+            assert np.allclose(out_raw, np.array(svc["outputs"]), atol=1e-4), "outputs differ"
+            raw_s = timed(lambda: [raw(b) for b in batches], args.repeat)
+            svc_s = svc["seconds"]
+            # The endpoint the gateway calls: paths in, findings out.
             analyse_raw_s = timed(lambda: analyse_ct_series(card, spool_paths, raw), 2)
-            analyse_svc_s = timed(lambda: client.analyse(model=card.key, paths=spool_paths), 2)
-            client.close()
+            analyse_svc_s = bench("time_analyse", model_key=card.key, paths=spool_paths,
+                                  repeat=2)["seconds"]
         finally:
             import signal
 
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            os.kill(proc.pid, signal.SIGTERM)  # the arbiter stops its workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log_text = (var / "model_service.log").read_text(errors="replace")
+            if "Traceback" in log_text:
+                print(log_text[-3000:])
     n = len(tensor)
     report = {
         "benchmark": "model_service_vs_onnxruntime", "slices": n, "batch": args.batch,
@@ -117,6 +119,19 @@ def main() -> None:
     (OUT / "model_service.json").write_text(json.dumps(report, indent=2))
     plot(report)
     print(json.dumps(report, indent=2))
+
+
+def _http_json(url: str):
+    import json as _json
+    import urllib.request
+
+    def call(endpoint: str, **body):
+        req = urllib.request.Request(f"{url}/{endpoint}", data=_json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=900) as r:
+            return _json.loads(r.read())
+
+    return call
 
 
 def _ready(url: str) -> bool:

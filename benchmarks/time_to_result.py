@@ -76,7 +76,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        with StoreSCP(work / "pacs", ae="PACS", extra_args=("--max-pdu", "131072", "+B", "+xa", "-pm")) as pacs, \
+        peer_args = ("--max-pdu", "131072", "+B", "+xa", "-pm")
+        with StoreSCP(work / "pacs", ae="PACS", extra_args=peer_args) as pacs, \
                 RunningNode(work / "node", pacs=f"PACS@127.0.0.1:{pacs.port}", settle_s=2.0) as node:
             one_run(node, pacs, work, 7000, 24)  # warm-up: first call pays imports
             runs = [one_run(node, pacs, work, 7001 + i, args.slices) for i in range(args.runs)]
