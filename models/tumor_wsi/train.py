@@ -205,9 +205,9 @@ def export(net, path: Path) -> None:
 def slide_validation(model_path: Path) -> dict:
     """Sensitivity/specificity through the product pipeline on freshly written phantom slides."""
     import onnxruntime as ort
-    from pipelines.wsi_analysis import analyse_wsi_slide
 
     from pipelines.model_card import load_card
+    from pipelines.wsi_analysis import analyse_wsi_slide
 
     card = load_card(HERE, verify=False)
     opts = ort.SessionOptions()
@@ -253,7 +253,7 @@ def write_card(sha: str, figures: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--regions", type=int, default=40, help="2x2-frame regions per slide (4 windows each)")
     ap.add_argument("--validate-only", action="store_true", help="re-measure slide figures of model.onnx")
     args = ap.parse_args()
