@@ -18,7 +18,6 @@ from phantoms.ct_head import write_ct_series
 from tests.dicom_peers import free_port, have_dcmtk, run_storescu
 from tests.node_harness import RunningNode, poll
 from tests.test_hl7_notifier import MllpListener
-from tests.test_orthanc_round_trip import trained_models_dir
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
 
@@ -57,7 +56,7 @@ def hl7_port():
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, webhook, hl7_port):
     work = tmp_path_factory.mktemp("hl7-node")
-    with RunningNode(work / "node", models_dir=str(trained_models_dir(work / "models")),
+    with RunningNode(work / "node",
                      hl7={"host": "127.0.0.1", "port": hl7_port}, webhooks=[webhook[0]]) as n:
         yield n
 

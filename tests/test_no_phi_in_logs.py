@@ -8,18 +8,15 @@ log or in any log file under its var dir.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 from pynetdicom import AE
 
 from phantoms.ct_head import write_ct_series
-from pipelines.model_card import CardError, load_card, sha256_of
 from tests.dicom_peers import StoreSCP, have_dcmtk, run_storescu
-from tests.node_harness import PROJECT, RunningNode
+from tests.node_harness import RunningNode
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
 
@@ -28,21 +25,6 @@ PATIENT_NAME = "^".join(NAME_PARTS)
 PATIENT_ID = "PID-ZX918273"
 SECRETS = (*NAME_PARTS, PATIENT_ID, PATIENT_ID.removeprefix("PID-"))
 FINAL_STATES = {"delivered", "not analysed", "delivery failed"}
-
-
-def models_with_a_verified_ich_card(target: Path) -> Path:
-    """A models dir holding the ICH model only; the card's sha256 follows the ONNX file present
-    (the model may be mid-retraining in the working tree; this test is about logs, not scores)."""
-    shutil.copytree(PROJECT / "models" / "ich_ct", target / "ich_ct")
-    try:
-        load_card(target / "ich_ct")
-    except CardError:
-        card_path = target / "ich_ct" / "card.yaml"
-        card = yaml.safe_load(card_path.read_text())
-        card["sha256"] = sha256_of(target / "ich_ct" / card["file"])
-        card_path.write_text(yaml.safe_dump(card, sort_keys=False))
-        load_card(target / "ich_ct")
-    return target
 
 
 def log_files(node: RunningNode) -> list[Path]:
@@ -74,7 +56,6 @@ def send_refused_copies(port: int, template: Path) -> list[int]:
 
 
 def test_round_trip_leaves_no_patient_name_or_id_in_any_log(tmp_path):
-    models = models_with_a_verified_ich_card(tmp_path / "models")
     paths = write_ct_series(tmp_path / "study", finding="subdural", slices=20, seed=4242,
                             patient_name=PATIENT_NAME)
     for p in paths:  # the phantom's own IDs are PHCT-<seed>; give this patient a distinctive one
@@ -84,8 +65,7 @@ def test_round_trip_leaves_no_patient_name_or_id_in_any_log(tmp_path):
     study_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
 
     with StoreSCP(tmp_path / "pacs", ae="PACS", extra_args=("+B", "+xa", "-pm")) as pacs, \
-            RunningNode(tmp_path / "node", pacs=f"PACS@127.0.0.1:{pacs.port}",
-                        models_dir=str(models)) as node:
+            RunningNode(tmp_path / "node", pacs=f"PACS@127.0.0.1:{pacs.port}") as node:
         result = run_storescu(paths, ae="MODALITY", port=node.dicom_port, timeout=120)
         assert result.returncode == 0, result.output
         assert all(s != 0x0000 for s in send_refused_copies(node.dicom_port, paths[0]))

@@ -28,23 +28,10 @@ SLICES = 24
 WSI_MODEL = PROJECT / "models" / "tumor_wsi" / "model.onnx"
 
 
-def trained_models_dir(into: Path) -> Path:
-    """A models folder holding only the project's models that have their weights.
-
-    The node refuses to start with a card whose model.onnx is missing; while a model is still
-    being trained, the tests run with the ones that exist.
-    """
-    into.mkdir(parents=True, exist_ok=True)
-    for folder in sorted((PROJECT / "models").iterdir()):
-        if (folder / "card.yaml").is_file() and (folder / "model.onnx").is_file():
-            (into / folder.name).symlink_to(folder, target_is_directory=True)
-    return into
-
-
 @pytest.fixture(scope="module")
 def node_and_pacs(tmp_path_factory):
     work = tmp_path_factory.mktemp("round-trip")
-    node = RunningNode(work / "node", models_dir=str(trained_models_dir(work / "models")))
+    node = RunningNode(work / "node")
     with OrthancPeer(node.config["ae_title"], node.dicom_port, lua=True, stable_age=2) as pacs:
         node.config["destinations"] = [f"{pacs.ae}@127.0.0.1:{pacs.dicom_port}"]
         with node:

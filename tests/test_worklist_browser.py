@@ -18,7 +18,6 @@ import pytest
 from phantoms.ct_head import write_ct_series
 from tests.dicom_peers import have_dcmtk, run_storescu
 from tests.node_harness import TOKEN, RunningNode
-from tests.test_orthanc_round_trip import trained_models_dir
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -46,7 +45,7 @@ def send(node: RunningNode, folder: Path, finding: str, seed: int, slices: int =
 def studied_node(tmp_path_factory):
     """The node after it analysed four studies: {name: study uid}."""
     work = tmp_path_factory.mktemp("worklist")
-    with RunningNode(work / "node", models_dir=str(trained_models_dir(work / "models"))) as node:
+    with RunningNode(work / "node") as node:
         studies = {
             "positive": send(node, work / "pos", "subdural", 9401, patient_name="Positiv^Paul"),
             "negative": send(node, work / "neg", "none", 9402, patient_name="Negativ^Nora"),
