@@ -87,6 +87,10 @@ def main() -> None:
             svc = bench("time_infer", model_key=card.key, paths=spool_paths, batch=args.batch,
                         repeat=args.repeat)
             assert np.allclose(out_raw, np.array(svc["outputs"]), atol=1e-4), "outputs differ"
+            shared = bench("time_infer_shared", model_key=card.key, paths=spool_paths,
+                           batch=args.batch, repeat=args.repeat)
+            for mode in ("copied_in", "in_place"):
+                assert np.allclose(out_raw, np.array(shared[mode]["outputs"]), atol=1e-4), mode
             raw_s = timed(lambda: [raw(b) for b in batches], args.repeat)
             svc_s = svc["seconds"]
             # The endpoint the gateway calls: paths in, findings out.
@@ -105,17 +109,23 @@ def main() -> None:
             if "Traceback" in log_text:
                 print(log_text[-3000:])
     n = len(tensor)
+    def rate(seconds: float) -> dict:
+        return {"slices_per_s": round(n / seconds, 1), "ratio_to_raw": round(raw_s / seconds, 3)}
+
     report = {
         "benchmark": "model_service_vs_onnxruntime", "slices": n, "batch": args.batch,
         "threads": threads, "goal_ratio": GOAL,
-        "infer": {"raw_onnxruntime_slices_per_s": round(n / raw_s, 1),
-                  "model_service_slices_per_s": round(n / svc_s, 1),
-                  "ratio": round(raw_s / svc_s, 3)},
+        "infer": {"raw_onnxruntime": {"slices_per_s": round(n / raw_s, 1)},
+                  "service_shared_memory_copied_in": rate(shared["copied_in"]["seconds"]),
+                  "service_shared_memory_in_place": rate(shared["in_place"]["seconds"]),
+                  "service_pickled_http_body": rate(svc_s)},
         "analyse_study": {"in_process_pipeline_s": round(analyse_raw_s, 3),
                           "model_service_s": round(analyse_svc_s, 3),
                           "ratio": round(analyse_raw_s / analyse_svc_s, 3)},
     }
-    report["meets_goal"] = report["infer"]["ratio"] >= GOAL
+    # The headline counts the copy into shared memory, as if the caller's batch lay elsewhere.
+    report["ratio"] = report["infer"]["service_shared_memory_copied_in"]["ratio_to_raw"]
+    report["meets_goal"] = report["ratio"] >= GOAL
     (OUT / "model_service.json").write_text(json.dumps(report, indent=2))
     plot(report)
     print(json.dumps(report, indent=2))
@@ -150,13 +160,18 @@ def plot(report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     inf = report["infer"]
-    axes[0].bar(["raw onnxruntime", "model service"],
-                [inf["raw_onnxruntime_slices_per_s"], inf["model_service_slices_per_s"]],
-                color=["grey", "tab:blue"])
+    labels = {"raw_onnxruntime": "raw\nonnxruntime", "service_shared_memory_copied_in":
+              "service\nshm, copy in", "service_shared_memory_in_place": "service\nshm, in place",
+              "service_pickled_http_body": "service\npickled body"}
+    axes[0].bar([labels[k] for k in inf], [v["slices_per_s"] for v in inf.values()],
+                color=["grey", "tab:blue", "tab:cyan", "tab:red"])
+    axes[0].axhline(GOAL * inf["raw_onnxruntime"]["slices_per_s"], color="k", ls="--", lw=0.8)
     axes[0].set_ylabel("slices / s")
-    axes[0].set_title(f"infer_ct, batch {report['batch']}: ratio {inf['ratio']:.2f}")
+    axes[0].set_title(f"infer, batch {report['batch']}: ratio {report['ratio']:.2f} (goal {GOAL})",
+                      fontsize=9)
+    axes[0].tick_params(axis="x", labelsize=7)
     an = report["analyse_study"]
     axes[1].bar(["in-process pipeline", "model service"],
                 [an["in_process_pipeline_s"], an["model_service_s"]], color=["grey", "tab:blue"])

@@ -2,7 +2,9 @@
 
 The gateway sends paths, not pixels (DESIGN.md: a `depends` call costs ~90 ms at 16 MB).
 Here the series is read, decoded in worker processes, preprocessed and inferred in batches.
-`infer_ct` / `infer_wsi` are batchable tensor endpoints for ML engineers and benchmarks.
+`infer_ct` / `infer_wsi` are batchable tensor endpoints for ML engineers and benchmarks;
+`infer_shared` takes the same tensors through shared memory when the caller is on this host
+(service/shared_tensors.py: the HTTP body costs more than the model at these sizes).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from pipelines.model_card import ModelCard, usable_cards
 from service.config import load_config
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.parent_death import die_with_parent
+from service.shared_tensors import SharedTensor, open_shared
 
 log = logging.getLogger("befund.models")
 
@@ -98,6 +102,44 @@ class ModelService:
         if self.default_ct is None:
             raise bentoml.exceptions.NotFound("no ct-slices model is loaded")
         return self.predictors[self.default_ct](tensor)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=20)
+    def infer_shared(self, tensors: list[SharedTensor]) -> list[np.ndarray]:
+        """Raw outputs for tensors in shared memory: one array per tensor, in order.
+
+        Tensors for the same model that arrive together run as one batch; a lone tensor runs
+        on the shared memory itself, without a copy.
+        """
+        outputs: list[np.ndarray | None] = [None] * len(tensors)
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault(self._model_for(t), []).append(i)
+        with ExitStack() as stack:
+            try:
+                arrays = [stack.enter_context(open_shared(t)) for t in tensors]
+            except (ValueError, OSError) as e:
+                raise bentoml.exceptions.InvalidArgument(str(e)) from e
+            for key, members in groups.items():
+                parts = [arrays[i] for i in members]
+                out = self.predictors[key](parts[0] if len(parts) == 1 else np.concatenate(parts))
+                bounds = np.cumsum([0] + [len(p) for p in parts])
+                for j, i in enumerate(members):
+                    outputs[i] = out[bounds[j]:bounds[j + 1]]
+        return outputs
+
+    def _model_for(self, tensor: SharedTensor) -> str:
+        """The named model, or the one whose card input shape fits the tensor."""
+        if tensor.model:
+            if tensor.model not in self.predictors:
+                raise bentoml.exceptions.NotFound(f"model {tensor.model} is not loaded")
+            return tensor.model
+        shape = tensor.shape
+        fits = [key for key, card in self.cards.items()
+                if len(card.input.shape) == len(shape)
+                and all(want in (-1, got) for want, got in zip(card.input.shape[1:], shape[1:], strict=True))]
+        if not fits:
+            raise bentoml.exceptions.NotFound(f"no loaded model takes tensors of shape {shape}")
+        return fits[-1]
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=512, max_latency_ms=50)
     def infer_wsi(self, tensor: np.ndarray) -> np.ndarray:

@@ -1,0 +1,119 @@
+"""Tensors through shared memory: the handle protocol, and the model service's infer_shared.
+
+The service test serves `befund_models` alone with `bentoml serve` and calls it over HTTP with
+JSON, as an ML engineer's client on the same host would; outputs must equal raw onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from pipelines.model_card import load_card
+from service.onnx_sessions import Predictor, build_session
+from service.shared_tensors import SHM_DIR, SharedTensor, open_shared, shared_tensor
+from tests.dicom_peers import free_port
+from tests.node_harness import PROJECT, poll
+
+
+def test_round_trip_and_the_memory_is_freed():
+    with shared_tensor((4, 3), "float32") as (arr, ref):
+        arr[...] = np.arange(12, dtype=np.float32).reshape(4, 3)
+        with open_shared(ref) as seen:
+            assert np.array_equal(seen, arr)
+            assert not seen.flags.writeable
+        assert (SHM_DIR / ref.name).exists()
+    assert not (SHM_DIR / ref.name).exists()
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "befund-../../x", "other-" + "0" * 32,
+                                  "befund-" + "0" * 31 + "/"])
+def test_names_that_are_not_ours_never_become_paths(name):
+    with pytest.raises(ValueError, match="not a befund shared tensor"):
+        with open_shared(SharedTensor(name=name, shape=[1], dtype="float32")):
+            pass
+
+
+def test_a_shape_that_does_not_fit_the_memory_is_refused():
+    with shared_tensor((2, 2)) as (_, ref):
+        lying = SharedTensor(name=ref.name, shape=[4, 4], dtype="float32")
+        with pytest.raises(ValueError, match="its shape needs"):
+            with open_shared(lying):
+                pass
+
+
+@pytest.fixture(scope="module")
+def model_service(tmp_path_factory):
+    var = tmp_path_factory.mktemp("models-var")
+    (var / "spool").mkdir()
+    port = free_port()
+    env = {**os.environ, "BEFUND_VAR_DIR": str(var), "BEFUND_MODELS_DIR": str(PROJECT / "models")}
+    log = open(var / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service.model_service:ModelService",
+         "--port", str(port), "--host", "127.0.0.1", "--working-dir", str(PROJECT)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (var / "serve.log").read_text(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        poll(ready, 120, 0.25, "model service ready")
+        yield url
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)  # the arbiter stops its workers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _post(url: str, body: dict) -> tuple[int, object]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def test_infer_shared_equals_raw_onnxruntime(model_service):
+    card = load_card(PROJECT / "models" / "ich_ct")
+    raw = Predictor(card, build_session(card, "cpu", 1))
+    rng = np.random.default_rng(7)
+    batches = [rng.random((n, 9, 128, 128), dtype=np.float32) for n in (5, 2)]
+    with shared_tensor(batches[0].shape) as (a, ref_a), shared_tensor(batches[1].shape) as (b, ref_b):
+        a[...], b[...] = batches
+        status, out = _post(f"{model_service}/infer_shared",
+                            {"tensors": [ref_a.model_dump(), ref_b.model_dump()]})
+    assert status == 200, out
+    assert [np.asarray(o).shape for o in out] == [(5, 1), (2, 1)]
+    for got, batch in zip(out, batches):
+        assert np.allclose(np.asarray(got), raw(batch), atol=1e-4)
+
+
+def test_infer_shared_refuses_foreign_names_and_unknown_models(model_service):
+    status, text = _post(f"{model_service}/infer_shared",
+                         {"tensors": [{"name": "../../etc/passwd", "shape": [1, 9, 128, 128],
+                                       "dtype": "float32"}]})
+    assert status >= 400 and "not a befund shared tensor" in str(text)
+    with shared_tensor((1, 9, 128, 128), model="nope@9") as (_, ref):
+        status, text = _post(f"{model_service}/infer_shared", {"tensors": [ref.model_dump()]})
+    assert status == 404 and "not loaded" in str(text)
+    assert not (SHM_DIR / ref.name).exists(), "a shared tensor outlived its call"
