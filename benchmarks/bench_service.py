@@ -1,13 +1,14 @@
 """A BentoML entry service used only by benchmarks/model_service.py.
 
 It reaches the model service through `bentoml.depends`, exactly as the gateway does (same
-proxy, same serialisation), and times those calls from inside; the benchmark compares them
-with raw onnxruntime on the same batches.
+proxy, same serialisation), and times those calls from inside, alternating with raw
+onnxruntime on the same batches in this same process, so that both see the same machine.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import bentoml
 import numpy as np
@@ -16,6 +17,8 @@ from pipelines.ct_preprocess import preprocess_ct
 from pipelines.ct_series import load_ct_series
 from service.config import load_config
 from service.model_service import ModelService
+from service.onnx_sessions import Predictor, build_session, default_threads
+from service.shared_tensors import SharedBuffer
 
 
 @bentoml.service(name="befund_bench", workers=1, traffic={"timeout": 1800})
@@ -23,67 +26,63 @@ class Bench:
     models = bentoml.depends(ModelService)
 
     @bentoml.api
-    async def time_infer(self, model_key: str, paths: list[str], batch: int, repeat: int) -> dict:
+    async def compare_infer(self, model_key: str, paths: list[str], batch: int, repeat: int) -> dict:
+        """Best-of-`repeat` seconds for all batches of one study, per way of calling the model.
+
+        raw: onnxruntime in this process. shared_in_place: the batches already lie in shared
+        memory (a caller that builds them there). shared_copied_in: each batch is copied into
+        the caller's one reusable staging region first. pickled: the batch in the HTTP body.
+        """
         from pipelines.model_card import usable_cards
 
         cards, _ = usable_cards(load_config().models_dir)
         card = next(c for c in cards if c.key == model_key)
         tensor = preprocess_ct(load_ct_series(paths, card.preprocessing).hu, card.preprocessing)
         batches = [tensor[i:i + batch] for i in range(0, len(tensor), batch)]
+        raw = Predictor(card, build_session(card, "cpu", default_threads(reserved=0)))
         client = self.models.to_async
-        outputs = [await client.infer_ct(tensor=b) for b in batches]  # warm-up and check
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            for b in batches:
-                await client.infer_ct(tensor=b)
-            best = min(best, time.perf_counter() - t)
-        return {"seconds": best, "slices": len(tensor),
-                "outputs": np.concatenate(outputs).ravel().tolist()}
+        staging = SharedBuffer(batches[0].nbytes)
+        placed = [SharedBuffer(b.nbytes) for b in batches]
+        refs = []
+        for buf, b in zip(placed, batches, strict=True):
+            arr, ref = buf.tensor(b.shape, model=model_key)
+            arr[...] = b
+            refs.append(ref)
 
-    @bentoml.api
-    async def time_infer_shared(self, model_key: str, paths: list[str], batch: int, repeat: int) -> dict:
-        """The same batches through shared memory: copied in per call, and built in place."""
-        from contextlib import ExitStack
+        async def run_raw() -> list[np.ndarray]:
+            return [raw(b) for b in batches]
 
-        from pipelines.model_card import usable_cards
-        from service.shared_tensors import shared_tensor
+        async def shared_in_place() -> list[np.ndarray]:
+            return [(await client.infer_shared(tensors=[r]))[0] for r in refs]
 
-        cards, _ = usable_cards(load_config().models_dir)
-        card = next(c for c in cards if c.key == model_key)
-        tensor = preprocess_ct(load_ct_series(paths, card.preprocessing).hu, card.preprocessing)
-        batches = [tensor[i:i + batch] for i in range(0, len(tensor), batch)]
-        client = self.models.to_async
-
-        async def copied_in() -> list[np.ndarray]:
+        async def shared_copied_in() -> list[np.ndarray]:
             outs = []
             for b in batches:
-                with shared_tensor(b.shape, model=model_key) as (arr, ref):
-                    arr[...] = b
-                    outs.append((await client.infer_shared(tensors=[ref]))[0])
+                arr, ref = staging.tensor(b.shape, model=model_key)
+                arr[...] = b
+                outs.append((await client.infer_shared(tensors=[ref]))[0])
             return outs
 
-        with ExitStack() as stack:
-            placed = []
-            for b in batches:
-                arr, ref = stack.enter_context(shared_tensor(b.shape, model=model_key))
-                arr[...] = b
-                placed.append(ref)
+        async def pickled() -> list[np.ndarray]:
+            return [await client.infer_ct(tensor=b) for b in batches]
 
-            async def in_place() -> list[np.ndarray]:
-                return [(await client.infer_shared(tensors=[r]))[0] for r in placed]
-
-            result = {"slices": len(tensor)}
-            for name, run in (("copied_in", copied_in), ("in_place", in_place)):
-                outputs = await run()  # warm-up and check
-                best = float("inf")
-                for _ in range(repeat):
+        modes: dict[str, Callable[[], Awaitable[list[np.ndarray]]]] = {
+            "raw": run_raw, "shared_in_place": shared_in_place,
+            "shared_copied_in": shared_copied_in, "pickled": pickled}
+        try:
+            outputs = {name: np.concatenate(await run()).ravel() for name, run in modes.items()}
+            best = dict.fromkeys(modes, float("inf"))
+            for _ in range(repeat):  # alternate, so that every mode sees the same noise
+                for name, run in modes.items():
                     t = time.perf_counter()
                     await run()
-                    best = min(best, time.perf_counter() - t)
-                result[name] = {"seconds": best,
-                                "outputs": np.concatenate(outputs).ravel().tolist()}
-        return result
+                    best[name] = min(best[name], time.perf_counter() - t)
+        finally:
+            for buf in [staging, *placed]:
+                buf.close()
+        return {"slices": len(tensor), "seconds": best,
+                "max_abs_diff_to_raw": {name: float(np.abs(out - outputs["raw"]).max())
+                                        for name, out in outputs.items()}}
 
     @bentoml.api
     async def time_analyse(self, model_key: str, paths: list[str], repeat: int) -> dict:

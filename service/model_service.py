@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,12 @@ from pipelines.model_card import ModelCard, usable_cards
 from service.config import load_config
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.parent_death import die_with_parent
-from service.shared_tensors import SharedTensor, open_shared
+from service.shared_tensors import SharedTensor, SharedTensorReader
 
 log = logging.getLogger("befund.models")
+# BentoML's batcher answers 503 to a request it expects to wait longer than this. On CPU one
+# batch takes 20 ms to seconds, so a low bound would refuse the second caller in flight.
+MAX_LATENCY_MS = 30_000
 
 
 def _noop() -> int:
@@ -58,6 +60,7 @@ class ModelService:
                                             mp_context=multiprocessing.get_context("spawn"))
         for f in [self.executor.submit(_noop) for _ in range(cores)]:
             f.result()  # start the decoders now, not on the first study
+        self.shared = SharedTensorReader()
         self.default_ct = _default_for(list(self.cards.values()), "ct-slices")
         self.default_wsi = _default_for(list(self.cards.values()), "wsi-tiles")
         log.info("model service ready: %s", ", ".join(self.cards))
@@ -65,6 +68,7 @@ class ModelService:
     @bentoml.on_shutdown
     def stop_decoders(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.shared.close()
 
     def _check_paths(self, paths: list[str]) -> list[str]:
         for p in paths:
@@ -96,14 +100,14 @@ class ModelService:
                  "intended_use": c.intended_use, "validation": c.validation}
                 for c in self.cards.values()]
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=256, max_latency_ms=50)
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=256, max_latency_ms=MAX_LATENCY_MS)
     def infer_ct(self, tensor: np.ndarray) -> np.ndarray:
         """Raw model outputs of the default CT model for a (n, C, S, S) float32 batch."""
         if self.default_ct is None:
             raise bentoml.exceptions.NotFound("no ct-slices model is loaded")
         return self.predictors[self.default_ct](tensor)
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=20)
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=MAX_LATENCY_MS)
     def infer_shared(self, tensors: list[SharedTensor]) -> list[np.ndarray]:
         """Raw outputs for tensors in shared memory: one array per tensor, in order.
 
@@ -114,17 +118,16 @@ class ModelService:
         groups: dict[str, list[int]] = {}
         for i, t in enumerate(tensors):
             groups.setdefault(self._model_for(t), []).append(i)
-        with ExitStack() as stack:
-            try:
-                arrays = [stack.enter_context(open_shared(t)) for t in tensors]
-            except (ValueError, OSError) as e:
-                raise bentoml.exceptions.InvalidArgument(str(e)) from e
-            for key, members in groups.items():
-                parts = [arrays[i] for i in members]
-                out = self.predictors[key](parts[0] if len(parts) == 1 else np.concatenate(parts))
-                bounds = np.cumsum([0] + [len(p) for p in parts])
-                for j, i in enumerate(members):
-                    outputs[i] = out[bounds[j]:bounds[j + 1]]
+        try:
+            arrays = [self.shared.array(t) for t in tensors]
+        except (ValueError, OSError) as e:
+            raise bentoml.exceptions.InvalidArgument(str(e)) from e
+        for key, members in groups.items():
+            parts = [arrays[i] for i in members]
+            out = self.predictors[key](parts[0] if len(parts) == 1 else np.concatenate(parts))
+            bounds = np.cumsum([0] + [len(p) for p in parts])
+            for j, i in enumerate(members):
+                outputs[i] = out[bounds[j]:bounds[j + 1]]
         return outputs
 
     def _model_for(self, tensor: SharedTensor) -> str:
@@ -141,7 +144,7 @@ class ModelService:
             raise bentoml.exceptions.NotFound(f"no loaded model takes tensors of shape {shape}")
         return fits[-1]
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=512, max_latency_ms=50)
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=512, max_latency_ms=MAX_LATENCY_MS)
     def infer_wsi(self, tensor: np.ndarray) -> np.ndarray:
         """Raw model outputs of the default slide model for a (n, 3, T, T) float32 batch."""
         if self.default_wsi is None:

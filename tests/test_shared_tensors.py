@@ -19,35 +19,61 @@ import pytest
 
 from pipelines.model_card import load_card
 from service.onnx_sessions import Predictor, build_session
-from service.shared_tensors import SHM_DIR, SharedTensor, open_shared, shared_tensor
+from service.shared_tensors import SHM_DIR, SharedBuffer, SharedTensor, SharedTensorReader, shared_tensor
 from tests.dicom_peers import free_port
 from tests.node_harness import PROJECT, poll
 
 
 def test_round_trip_and_the_memory_is_freed():
+    reader = SharedTensorReader()
     with shared_tensor((4, 3), "float32") as (arr, ref):
         arr[...] = np.arange(12, dtype=np.float32).reshape(4, 3)
-        with open_shared(ref) as seen:
-            assert np.array_equal(seen, arr)
-            assert not seen.flags.writeable
+        seen = reader.array(ref)
+        assert np.array_equal(seen, arr)
+        assert not seen.flags.writeable
         assert (SHM_DIR / ref.name).exists()
     assert not (SHM_DIR / ref.name).exists()
+    with pytest.raises(ValueError, match="does not exist"):
+        reader.array(ref)
+    assert not reader._mapped, "the mapping of a removed region was kept"
+
+
+def test_a_reused_staging_region_is_mapped_once_and_shows_each_new_batch():
+    reader = SharedTensorReader()
+    with SharedBuffer(6 * 4) as staging:
+        for value in (1.0, 2.0):
+            arr, ref = staging.tensor((2, 3))
+            arr[...] = value
+            assert np.all(reader.array(ref) == value)
+        mapping = reader._mapped[staging.name][1]
+        small, ref = staging.tensor((1, 2))
+        small[...] = 5.0
+        assert reader.array(ref).shape == (1, 2) and reader._mapped[staging.name][1] is mapping
+    reader.close()
+
+
+def test_the_reader_keeps_at_most_max_mapped_regions():
+    reader = SharedTensorReader(max_mapped=2)
+    with SharedBuffer(4) as a, SharedBuffer(4) as b, SharedBuffer(4) as c:
+        for buf in (a, b, c):
+            reader.array(buf.tensor((1,))[1])
+        assert list(reader._mapped) == [b.name, c.name]
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "befund-../../x", "other-" + "0" * 32,
                                   "befund-" + "0" * 31 + "/"])
 def test_names_that_are_not_ours_never_become_paths(name):
     with pytest.raises(ValueError, match="not a befund shared tensor"):
-        with open_shared(SharedTensor(name=name, shape=[1], dtype="float32")):
-            pass
+        SharedTensorReader().array(SharedTensor(name=name, shape=[1], dtype="float32"))
 
 
 def test_a_shape_that_does_not_fit_the_memory_is_refused():
     with shared_tensor((2, 2)) as (_, ref):
         lying = SharedTensor(name=ref.name, shape=[4, 4], dtype="float32")
         with pytest.raises(ValueError, match="its shape needs"):
-            with open_shared(lying):
-                pass
+            SharedTensorReader().array(lying)
+    with SharedBuffer(16) as staging, pytest.raises(ValueError, match="the buffer has 16"):
+        staging.tensor((4, 4))
 
 
 @pytest.fixture(scope="module")
