@@ -15,6 +15,7 @@ from phantoms.ct_head import write_ct_series
 from pipelines.sr_reading import read_result_sr
 from tests.dicom_peers import StoreSCP, have_dcmtk, run_echoscu, run_storescu
 from tests.node_harness import RunningNode, poll
+from tests.pacs_results import ANY_OBJECT_ARGS, results_for_study
 from tests.validators import dciodvfy_errors, dsrdump_ok
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
@@ -23,32 +24,10 @@ SLICES = 24
 # storescu proposes a compressed syntax only when told to (it converts otherwise, and cannot).
 PROPOSE = {"explicit": (), "implicit": (), "jpeg-lossless": ("-xs",), "j2k-lossless": ("-xv",),
            "rle": ("-xr",)}
-STORESCP_ARGS = ("--max-pdu", "131072", "+B", "+xa", "-pm")  # all syntaxes, any SOP class
-
-
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory):
-    with StoreSCP(tmp_path_factory.mktemp("pacs"), ae="PACS", extra_args=STORESCP_ARGS) as scp:
-        yield scp
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, pacs):
-    with RunningNode(tmp_path_factory.mktemp("node"), pacs=f"PACS@127.0.0.1:{pacs.port}") as n:
-        yield n
 
 
 def srs_for_study(pacs: StoreSCP, study_uid: str) -> list[pydicom.Dataset]:
-    out = []
-    for path in sorted(pacs.directory.iterdir()):
-        try:
-            ds = pydicom.dcmread(path)
-        except (pydicom.errors.InvalidDicomError, EOFError, OSError):
-            continue  # storescp is still writing it; the next poll reads it whole
-        if ds.StudyInstanceUID == study_uid and ds.Modality == "SR":
-            ds.filename = str(path)
-            out.append(ds)
-    return out
+    return results_for_study(pacs.directory, study_uid, "SR")
 
 
 def send_phantom(node, tmp_path, finding, seed, transfer_syntax="explicit", slices=SLICES):
@@ -158,7 +137,7 @@ def test_calling_ae_outside_allow_list_is_rejected(tmp_path):
 
 
 def test_restart_with_a_job_in_flight_delivers_exactly_one_sr(tmp_path):
-    with StoreSCP(tmp_path / "pacs", ae="PACS", extra_args=STORESCP_ARGS) as pacs:
+    with StoreSCP(tmp_path / "pacs", ae="PACS", extra_args=ANY_OBJECT_ARGS) as pacs:
         node = RunningNode(tmp_path / "node", pacs=f"PACS@127.0.0.1:{pacs.port}")
         node.start()
         try:

@@ -15,45 +15,20 @@ import pytest
 
 from phantoms.wsi_slide import BASE_SPACING_UM, tumor_mask, write_wsi_slide
 from pipelines.sr_reading import read_result_sr
-from tests.dicom_peers import StoreSCP, have_dcmtk, run_storescu
-from tests.node_harness import RunningNode, poll
+from tests.dicom_peers import have_dcmtk, run_storescu
+from tests.node_harness import poll
+from tests.pacs_results import results_for_study
 from tests.validators import dciodvfy_errors, dsrdump_ok
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
 
 W, H = 6144, 4608
 TUMOR = 0.4
-STORESCP_ARGS = ("--max-pdu", "131072", "+B", "+xa", "-pm")  # all syntaxes, any SOP class
 PROPOSE_JPEG = ("-xy",)  # storescu would otherwise try to decompress JPEG baseline, and fail
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory):
-    with StoreSCP(tmp_path_factory.mktemp("pacs"), ae="PACS", extra_args=STORESCP_ARGS) as scp:
-        yield scp
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, pacs):
-    with RunningNode(tmp_path_factory.mktemp("node"), pacs=f"PACS@127.0.0.1:{pacs.port}") as n:
-        yield n
-
-
-def results_for_study(pacs: StoreSCP, study_uid: str, modality: str) -> list[pydicom.Dataset]:
-    out = []
-    for path in sorted(pacs.directory.iterdir()):
-        try:
-            ds = pydicom.dcmread(path)
-        except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError):
-            continue  # storescp is still writing it; the next poll reads it whole
-        if ds.get("StudyInstanceUID") == study_uid and ds.get("Modality") == modality:
-            ds.filename = str(path)
-            out.append(ds)
-    return out
-
-
 def wait_for(pacs, study_uid, modality, timeout=90):
-    return poll(lambda: results_for_study(pacs, study_uid, modality), timeout, 0.25,
+    return poll(lambda: results_for_study(pacs.directory, study_uid, modality), timeout, 0.25,
                 f"{modality} for study {study_uid} at the PACS")
 
 
@@ -141,5 +116,5 @@ def test_slide_without_tissue_comes_back_as_not_analysed_with_reason(node, pacs,
     assert dciodvfy_errors(sr.filename) == []
     study = node.wait_study_state(study_uid, {"not analysed"})
     assert "no tissue" in study["reason"]
-    assert results_for_study(pacs, study_uid, "SEG") == []
+    assert results_for_study(pacs.directory, study_uid, "SEG") == []
 
