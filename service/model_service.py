@@ -5,6 +5,9 @@ Here the series is read, decoded in worker processes, preprocessed and inferred 
 `infer_ct` / `infer_wsi` are batchable tensor endpoints for ML engineers and benchmarks;
 `infer_shared` takes the same tensors through shared memory when the caller is on this host
 (service/shared_tensors.py: the HTTP body costs more than the model at these sizes).
+Every call of a model, from any endpoint, goes through that model's one inference thread,
+so concurrent studies share model runs instead of competing for the cores
+(service/shared_batches.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pipelines.model_card import ModelCard, usable_cards
 from service.config import load_config
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.parent_death import die_with_parent
+from service.shared_batches import SharedBatches
 from service.shared_tensors import SharedTensor, SharedTensorReader
 
 log = logging.getLogger("befund.models")
@@ -52,8 +56,10 @@ class ModelService:
             log.error("model %s not loaded: %s", folder, error)
         self.cards = {c.key: c for c in cards}
         threads = config.inference_threads or default_threads(reserved=0)
+        # every call of a model goes through its one inference thread (service/shared_batches.py)
         self.predictors = {
-            key: Predictor(card, build_session(card, config.inference_provider, threads))
+            key: SharedBatches(Predictor(card, build_session(card, config.inference_provider, threads)),
+                               max_items=256, name=key)
             for key, card in self.cards.items()}
         cores = default_threads(reserved=0)
         self.executor = ProcessPoolExecutor(max_workers=cores,
@@ -69,6 +75,8 @@ class ModelService:
     def stop_decoders(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.shared.close()
+        for batches in self.predictors.values():
+            batches.close()
 
     def _check_paths(self, paths: list[str]) -> list[str]:
         for p in paths:
