@@ -8,6 +8,7 @@ read silence as a negative result.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -80,6 +81,14 @@ class JobRunner:
             result = AnalysisResult.not_analysed(f"model {key} is no longer installed")
             self._finish(job, None, result, "failed", result.reason)
             return
+        purged = self.db.purged_instances(job["series_uid"])
+        if purged:
+            result = AnalysisResult.not_analysed(
+                f"{purged} earlier instance(s) of this series were removed from the spool by "
+                f"retention before this run; the series cannot be analysed as a whole. Resend "
+                f"the complete series to analyse it. {self._earlier_verdict(job)}")
+            self._finish(job, card, result, "not_analysed", result.reason)
+            return
         paths = self.db.series_paths(job["series_uid"])
         started = time.time()
         try:
@@ -102,6 +111,20 @@ class JobRunner:
         metrics.STAGE_SECONDS.labels(card.name, "model_service").observe(time.time() - started)
         state = "done" if result.analysed else "not_analysed"
         self._finish(job, card, result, state, "" if result.analysed else result.reason)
+
+    def _earlier_verdict(self, job: dict[str, Any]) -> str:
+        """What the last analysed run of this series and model said, for the reader of a reason."""
+        row = self.db.query_one(
+            """SELECT run, result FROM jobs WHERE series_uid=? AND model_name=? AND run<?
+                   AND state='done' ORDER BY run DESC LIMIT 1""",
+            (job["series_uid"], job["model_name"], job["run"]))
+        if row is None:
+            return "No earlier run analysed it."
+        earlier = json.loads(row["result"] or "{}")
+        verdict = "present" if earlier.get("present") else "absent"
+        certainty = earlier.get("certainty")
+        shown = f" (certainty {100 * certainty:.0f} %)" if isinstance(certainty, (int, float)) else ""
+        return f"Run {row['run']} found the finding {verdict}{shown}; that result stands."
 
     def _finish(self, job: dict[str, Any], card: ModelCard | None, result: AnalysisResult,
                 state: str, error: str) -> None:
@@ -146,7 +169,8 @@ class JobRunner:
         """Write the SR (and, for slides, the heatmap SEG) durably under var/results/job-<id>/."""
         from pipelines.sr_encoding import build_result_sr
 
-        instances = self.db.series_instances(job["series_uid"])
+        # headers come from files still in the spool (retention may have removed older ones)
+        instances = [r for r in self.db.series_instances(job["series_uid"]) if r["purged_at"] is None]
         by_uid = {r["sop_instance_uid"]: r for r in instances}
         wanted = [k.sop_instance_uid for k in result.key_images if k.sop_instance_uid in by_uid]
         if result.heatmap and result.heatmap.get("level_sop_instance_uid") in by_uid:

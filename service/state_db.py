@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS series (
     state TEXT NOT NULL DEFAULT 'receiving',
     reason TEXT NOT NULL DEFAULT '',
     completed_at REAL,
-    completed_by TEXT
+    completed_by TEXT,
+    restored INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
@@ -113,6 +114,9 @@ class StateDB:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(instances)")}
         if "purged_at" not in columns:
             self._db.execute("ALTER TABLE instances ADD COLUMN purged_at REAL")
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(series)")}
+        if "restored" not in columns:
+            self._db.execute("ALTER TABLE series ADD COLUMN restored INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -143,12 +147,13 @@ class StateDB:
         """Index a durably stored instance (a `spool.StoredInstance`). Returns False for a duplicate.
 
         A duplicate SOP Instance UID replaces the file (same path) but does not count twice,
-        so re-sent instances start no new run. A new instance in a series that already ran
+        so re-sent instances start no new run, unless retention had removed its file: then
+        the series is whole again and runs again. A new instance in a series that already ran
         puts the series back to `receiving`: late instances start a new, versioned run.
         """
         now = inst.received_at
         with self.transaction() as db:
-            known = db.execute("SELECT series_uid FROM instances WHERE sop_instance_uid=?",
+            known = db.execute("SELECT series_uid, purged_at FROM instances WHERE sop_instance_uid=?",
                                (inst.sop_instance_uid,)).fetchone()
             db.execute(
                 """INSERT INTO studies(study_uid, patient_name, patient_id, accession, study_date,
@@ -173,6 +178,13 @@ class StateDB:
                  inst.transfer_syntax, str(inst.path), inst.size, inst.instance_number,
                  inst.number_of_frames, inst.calling_ae, inst.peer_address,
                  inst.association_id, now))
+            if known and known["purged_at"] is not None:
+                # its file had gone with retention and is back: the series can run again
+                db.execute(
+                    """UPDATE series SET last_received_at=?, association_ended_at=NULL,
+                           state='receiving', restored=1 WHERE series_uid=?""",
+                    (now, inst.series_uid))
+                return True
             if known:
                 db.execute("UPDATE series SET last_received_at=? WHERE series_uid=?",
                            (now, inst.series_uid))
@@ -220,6 +232,13 @@ class StateDB:
             (series_uid,))
         return [r["path"] for r in rows]
 
+    def purged_instances(self, series_uid: str) -> int:
+        """How many of the series' instances have lost their file to retention."""
+        row = self.query_one(
+            "SELECT COUNT(*) AS n FROM instances WHERE series_uid=? AND purged_at IS NOT NULL",
+            (series_uid,))
+        return int(row["n"]) if row else 0
+
     def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
         return self.query(
             "SELECT * FROM instances WHERE series_uid=? ORDER BY instance_number, sop_instance_uid",
@@ -239,15 +258,20 @@ class StateDB:
 
     def create_job_if_new(self, series: dict[str, Any], model_name: str, model_version: str,
                           priority: int, completed_at: float) -> int | None:
-        """One job per series x model version x run; a new run only when instances changed."""
+        """One job per series x model version x run; a new run only when instances changed, or
+        when files retention had removed are back (the last run could not analyse them)."""
         with self.transaction() as db:
             last = db.execute(
                 """SELECT run, instance_count, state FROM jobs
                    WHERE series_uid=? AND model_name=? AND model_version=?
                    ORDER BY run DESC LIMIT 1""",
                 (series["series_uid"], model_name, model_version)).fetchone()
-            if last and last["instance_count"] == series["instance_count"]:
+            restored = db.execute("SELECT restored FROM series WHERE series_uid=?",
+                                  (series["series_uid"],)).fetchone()
+            if (last and last["instance_count"] == series["instance_count"]
+                    and not (restored and restored["restored"])):
                 return None
+            db.execute("UPDATE series SET restored=0 WHERE series_uid=?", (series["series_uid"],))
             run = (last["run"] + 1) if last else 1
             now = time.time()
             cur = db.execute(
