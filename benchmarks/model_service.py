@@ -34,7 +34,7 @@ from pipelines.ct_triage import analyse_ct_series  # noqa: E402
 from pipelines.model_card import load_card  # noqa: E402
 from service.onnx_sessions import Predictor, build_session, default_threads  # noqa: E402
 from tests.dicom_peers import free_port  # noqa: E402
-from tests.node_harness import poll  # noqa: E402
+from tests.node_harness import poll, stop_bentoml  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 GOAL = 0.9
@@ -105,13 +105,7 @@ def main() -> None:
             analyse_svc_s = bench("time_analyse", model_key=card.key, paths=spool_paths,
                                   repeat=2)["seconds"]
         finally:
-            import signal
-
-            os.kill(proc.pid, signal.SIGTERM)  # the arbiter stops its workers
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_bentoml(proc)
             log_text = (var / "model_service.log").read_text(errors="replace")
             if "Traceback" in log_text:
                 print(log_text[-3000:])

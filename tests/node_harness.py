@@ -39,6 +39,23 @@ def poll(predicate, timeout: float, interval: float = 0.1, what: str = "conditio
         time.sleep(interval)  # poll interval under a deadline, not a synchronisation sleep
 
 
+def stop_bentoml(proc: subprocess.Popen) -> None:
+    """Stop a `bentoml serve` started in its own session: SIGTERM to the arbiter only (it stops
+    its workers cleanly; a group-wide SIGTERM leaves the arbiter waiting), then kill the rest."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=30)
+
+
 class RunningNode:
     def __init__(self, workdir: Path, pacs: str | None = None, **overrides: Any):
         self.workdir = Path(workdir)
@@ -109,21 +126,9 @@ class RunningNode:
         self._close_log()
 
     def stop(self) -> None:
-        """SIGTERM to BentoML's arbiter only: it stops its workers cleanly (a group-wide SIGTERM
-        leaves the arbiter waiting); anything left after that is killed."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        """Stop the node's `bentoml serve` (see `stop_bentoml`)."""
         if self.proc:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if self.proc.poll() is None:
-                self.proc.wait(timeout=30)
+            stop_bentoml(self.proc)
         self._close_log()
 
     def _close_log(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -21,7 +20,7 @@ from pipelines.model_card import load_card
 from service.onnx_sessions import Predictor, build_session
 from service.shared_tensors import SHM_DIR, SharedBuffer, SharedTensor, SharedTensorReader, shared_tensor
 from tests.dicom_peers import free_port
-from tests.node_harness import PROJECT, poll
+from tests.node_harness import PROJECT, poll, stop_bentoml
 
 
 def test_round_trip_and_the_memory_is_freed():
@@ -101,11 +100,7 @@ def model_service(tmp_path_factory):
         poll(ready, 120, 0.25, "model service ready")
         yield url
     finally:
-        os.kill(proc.pid, signal.SIGTERM)  # the arbiter stops its workers
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_bentoml(proc)
         log.close()
 
 
