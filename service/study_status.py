@@ -16,6 +16,29 @@ STATE_ORDER = ["receiving", "waiting", "running", "delivery failed", "not analys
                "delivered"]
 
 
+def _standing_positives(all_jobs: list[dict[str, Any]],
+                        latest: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier positive runs that no later run has replaced with an analysis of its own.
+
+    When the newest run of a series could not analyse it (e.g. its files had gone with
+    retention), the last positive verdict keeps flagging the study: a flag must not vanish
+    because a later attempt failed. A later run that did analyse replaces it, as always.
+    """
+    standing = []
+    for newest in latest:
+        if newest["state"] == "done":
+            continue
+        earlier = [j for j in all_jobs
+                   if (j["series_uid"], j["model_name"], j["model_version"])
+                   == (newest["series_uid"], newest["model_name"], newest["model_version"])
+                   and j["run"] < newest["run"] and j["state"] == "done"]
+        if earlier:
+            last = max(earlier, key=lambda j: j["run"])
+            if json.loads(last.get("result") or "{}").get("present"):
+                standing.append(last)
+    return standing
+
+
 def _latest_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The newest run per (series, model version)."""
     latest: dict[tuple, dict[str, Any]] = {}
@@ -70,7 +93,8 @@ def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
     now = time.time() if now is None else now
     uid = study["study_uid"]
     series = db.series_of(uid)
-    jobs = _latest_jobs(db.jobs_of(uid))
+    all_jobs = db.jobs_of(uid)
+    jobs = _latest_jobs(all_jobs)
     deliveries = db.deliveries_of(uid)
     states: list[tuple[str, str]] = []
     for s in series:
@@ -86,6 +110,7 @@ def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
     # The verdict comes from the analysed jobs; a positive one outranks negatives.
     views = [job_view(j) for j in jobs]
     analysed = [v for v in views if v["present"] is not None and v["state"] == "done"]
+    analysed += [job_view(j) for j in _standing_positives(all_jobs, jobs)]
     lead = (max(analysed, key=lambda v: (bool(v["present"]), v["certainty"] or 0))
             if analysed else (views[-1] if views else None))
     modality = ",".join(sorted({s["modality"] for s in series if s["modality"]} - {"SR", "SEG"}))
