@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from phantoms.ct_head import write_ct_series  # noqa: E402
 from tests.dicom_peers import StoreSCP, run_storescu  # noqa: E402
 from tests.node_harness import RunningNode, poll  # noqa: E402
+from tests.pacs_results import ANY_OBJECT_ARGS  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 GOAL_S = 5.0
@@ -76,8 +77,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        peer_args = ("--max-pdu", "131072", "+B", "+xa", "-pm")
-        with StoreSCP(work / "pacs", ae="PACS", extra_args=peer_args) as pacs, \
+        with StoreSCP(work / "pacs", ae="PACS", extra_args=ANY_OBJECT_ARGS) as pacs, \
                 RunningNode(work / "node", pacs=f"PACS@127.0.0.1:{pacs.port}", settle_s=2.0) as node:
             one_run(node, pacs, work, 7000, 24)  # warm-up: first call pays imports
             runs = [one_run(node, pacs, work, 7001 + i, args.slices) for i in range(args.runs)]

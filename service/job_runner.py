@@ -114,10 +114,7 @@ class JobRunner:
 
     def _earlier_verdict(self, job: dict[str, Any]) -> str:
         """What the last analysed run of this series and model said, for the reader of a reason."""
-        row = self.db.query_one(
-            """SELECT run, result FROM jobs WHERE series_uid=? AND model_name=? AND run<?
-                   AND state='done' ORDER BY run DESC LIMIT 1""",
-            (job["series_uid"], job["model_name"], job["run"]))
+        row = self.db.last_done_job(job["series_uid"], job["model_name"], job["run"])
         if row is None:
             return "No earlier run analysed it."
         earlier = json.loads(row["result"] or "{}")

@@ -10,15 +10,12 @@ hand-off (~0.1 ms per batch) and no copy.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
-
-log = logging.getLogger("befund.batches")
 
 _STOP = object()
 

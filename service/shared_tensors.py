@@ -42,11 +42,6 @@ class SharedTensor(BaseModel):
     model: str = ""
 
 
-def available() -> bool:
-    """Shared memory needs a tmpfs at /dev/shm (Linux); elsewhere callers pickle tensors."""
-    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
-
-
 class SharedBuffer:
     """A region in /dev/shm that a caller fills batch after batch (its staging buffer).
 

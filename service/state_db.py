@@ -239,6 +239,12 @@ class StateDB:
             (series_uid,))
         return int(row["n"]) if row else 0
 
+    def last_done_job(self, series_uid: str, model_name: str, before_run: int) -> dict[str, Any] | None:
+        """The newest run of this series and model before `before_run` that analysed it."""
+        return self.query_one(
+            """SELECT * FROM jobs WHERE series_uid=? AND model_name=? AND run<? AND state='done'
+               ORDER BY run DESC LIMIT 1""", (series_uid, model_name, before_run))
+
     def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
         return self.query(
             "SELECT * FROM instances WHERE series_uid=? ORDER BY instance_number, sop_instance_uid",
@@ -266,10 +272,8 @@ class StateDB:
                    WHERE series_uid=? AND model_name=? AND model_version=?
                    ORDER BY run DESC LIMIT 1""",
                 (series["series_uid"], model_name, model_version)).fetchone()
-            restored = db.execute("SELECT restored FROM series WHERE series_uid=?",
-                                  (series["series_uid"],)).fetchone()
-            if (last and last["instance_count"] == series["instance_count"]
-                    and not (restored and restored["restored"])):
+            # `series` is the row read before routing, so every model routed to it sees the flag
+            if last and last["instance_count"] == series["instance_count"] and not series.get("restored"):
                 return None
             db.execute("UPDATE series SET restored=0 WHERE series_uid=?", (series["series_uid"],))
             run = (last["run"] + 1) if last else 1
