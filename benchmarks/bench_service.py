@@ -7,6 +7,7 @@ onnxruntime on the same batches in this same process, so that both see the same 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,11 +27,13 @@ class Bench:
     models = bentoml.depends(ModelService)
 
     @bentoml.api
-    async def compare_infer(self, model_key: str, paths: list[str], batch: int, repeat: int) -> dict:
+    async def compare_infer(self, model_key: str, paths: list[str], batch: int, repeat: int,
+                            provider: str = "cpu") -> dict:
         """Seconds for all batches of one study, per way of calling the model, `repeat` rounds.
 
         raw: onnxruntime in this process. shared_in_place: the batches already lie in shared
-        memory (a caller that builds them there). shared_copied_in: each batch is copied into
+        memory (a caller that builds them there), one call at a time. shared_two_in_flight:
+        the same with two calls in flight. shared_copied_in: each batch is copied into
         the caller's one reusable staging region first. pickled: the batch in the HTTP body.
         """
         from pipelines.model_card import usable_cards
@@ -39,7 +42,7 @@ class Bench:
         card = next(c for c in cards if c.key == model_key)
         tensor = preprocess_ct(load_ct_series(paths, card.preprocessing).hu, card.preprocessing)
         batches = [tensor[i:i + batch] for i in range(0, len(tensor), batch)]
-        raw = Predictor(card, build_session(card, "cpu", default_threads(reserved=0)))
+        raw = Predictor(card, build_session(card, provider, default_threads(reserved=0)))
         client = self.models.to_async
         staging = SharedBuffer(batches[0].nbytes)
         placed = [SharedBuffer(b.nbytes) for b in batches]
@@ -55,6 +58,17 @@ class Bench:
         async def shared_in_place() -> list[np.ndarray]:
             return [(await client.infer_shared(tensors=[r]))[0] for r in refs]
 
+        async def shared_two_in_flight() -> list[np.ndarray]:
+            # two calls in flight, as two studies (or one caller that sends ahead) make them:
+            # one call's HTTP round trip overlaps the other's model run
+            slots = asyncio.Semaphore(2)
+
+            async def one(ref) -> np.ndarray:
+                async with slots:
+                    return (await client.infer_shared(tensors=[ref]))[0]
+
+            return list(await asyncio.gather(*(one(r) for r in refs)))
+
         async def shared_copied_in() -> list[np.ndarray]:
             outs = []
             for b in batches:
@@ -68,7 +82,8 @@ class Bench:
 
         modes: dict[str, Callable[[], Awaitable[list[np.ndarray]]]] = {
             "raw": run_raw, "shared_in_place": shared_in_place,
-            "shared_copied_in": shared_copied_in, "pickled": pickled}
+            "shared_two_in_flight": shared_two_in_flight, "shared_copied_in": shared_copied_in,
+            "pickled": pickled}
         try:
             outputs = {name: np.concatenate(await run()).ravel() for name, run in modes.items()}
             rounds: dict[str, list[float]] = {name: [] for name in modes}
@@ -94,3 +109,33 @@ class Bench:
             result = await client.analyse(model=model_key, paths=paths)
             best = min(best, time.perf_counter() - t)
         return {"seconds": best, "present": result["present"]}
+
+    @bentoml.api
+    async def call_overhead(self, model_key: str, repeat: int) -> dict:
+        """Median milliseconds of one call for a 1-row tensor, service minus raw: the fixed
+        cost of a call, which the model time of a batch has to dwarf."""
+        from pipelines.model_card import usable_cards
+
+        cards, _ = usable_cards(load_config().models_dir)
+        card = next(c for c in cards if c.key == model_key)
+        shape = (1, *[d if d > 0 else 1 for d in card.input.shape[1:]])
+        raw = Predictor(card, build_session(card, "cpu", default_threads(reserved=0)))
+        buf = SharedBuffer(int(np.prod(shape)) * 4)
+        try:
+            arr, ref = buf.tensor(shape, model=model_key)
+            arr[...] = 0.5
+            client = self.models.to_async
+            times: dict[str, list[float]] = {"raw": [], "service": [], "models_list": []}
+            for _ in range(repeat):
+                t = time.perf_counter()
+                raw(arr)
+                times["raw"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                await client.infer_shared(tensors=[ref])
+                times["service"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                await client.models()
+                times["models_list"].append(time.perf_counter() - t)
+        finally:
+            buf.close()
+        return {name: round(float(np.median(v)) * 1000, 3) for name, v in times.items()}

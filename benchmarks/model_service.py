@@ -9,6 +9,7 @@ staging region first) and the batch pickled into the HTTP body. Slices/s and the
 the gateway really calls) against the in-process pipeline with raw onnxruntime.
 
     .venv/bin/python benchmarks/model_service.py [--slices 300] [--batches 64,128] [--repeat 21]
+        [--provider cuda]   (writes model_service_cuda.json/.png; needs onnxruntime-gpu)
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ OUT = ROOT / "benchmarks" / "out"
 GOAL = 0.9
 
 
-def start_model_service(var: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "BEFUND_VAR_DIR": str(var), "BEFUND_MODELS_DIR": str(ROOT / "models")}
+def start_model_service(var: Path, port: int, provider: str) -> subprocess.Popen:
+    env = {**os.environ, "BEFUND_VAR_DIR": str(var), "BEFUND_MODELS_DIR": str(ROOT / "models"),
+           "BEFUND_INFERENCE_PROVIDER": provider}
     log = open(var / "model_service.log", "wb")  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "benchmarks.bench_service:Bench",
@@ -64,7 +66,9 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--batches", default="64,128", help="comma-separated; the first is the headline")
     ap.add_argument("--repeat", type=int, default=21, help="rounds (each times every mode once)")
+    ap.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
+    name = "model_service" if args.provider == "cpu" else f"model_service_{args.provider}"
     OUT.mkdir(parents=True, exist_ok=True)
     card = load_card(ROOT / "models" / "ich_ct")
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,10 +79,10 @@ def main() -> None:
         stack = load_ct_series([str(p) for p in paths], card.preprocessing)
         n = len(preprocess_ct(stack.hu, card.preprocessing))
         threads = default_threads(reserved=0)
-        raw = Predictor(card, build_session(card, "cpu", threads))
+        raw = Predictor(card, build_session(card, args.provider, threads))
 
         port = free_port()
-        proc = start_model_service(var, port)
+        proc = start_model_service(var, port, args.provider)
         try:
             url = f"http://127.0.0.1:{port}"
             poll(lambda: _ready(url), 120, 0.25, "model service ready")
@@ -87,7 +91,7 @@ def main() -> None:
             per_batch = {}
             for batch in [int(b) for b in args.batches.split(",")]:
                 got = bench("compare_infer", model_key=card.key, paths=spool_paths, batch=batch,
-                            repeat=args.repeat)
+                            repeat=args.repeat, provider=args.provider)
                 bad = {m: d for m, d in got["max_abs_diff_to_raw"].items() if d > 1e-4}
                 assert not bad, f"outputs differ from raw onnxruntime: {bad}"
                 rounds = {m: np.array(v) for m, v in got["seconds_per_round"].items()}
@@ -112,6 +116,7 @@ def main() -> None:
     headline = args.batches.split(",")[0]
     report = {
         "benchmark": "model_service_vs_onnxruntime", "slices": n, "threads": threads,
+        "provider": raw.session.get_providers()[0],
         "rounds": args.repeat, "goal_ratio": GOAL, "infer_by_batch": per_batch,
         "analyse_study": {"in_process_pipeline_s": round(analyse_raw_s, 3),
                           "model_service_s": round(analyse_svc_s, 3),
@@ -122,8 +127,8 @@ def main() -> None:
                      "ratio": per_batch[headline]["shared_in_place"]["ratio_to_raw"]},
     }
     report["meets_goal"] = report["headline"]["ratio"] >= GOAL
-    (OUT / "model_service.json").write_text(json.dumps(report, indent=2))
-    plot(report)
+    (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
+    plot(report, OUT / f"{name}.png")
     print(json.dumps(report, indent=2))
 
 
@@ -150,7 +155,7 @@ def _ready(url: str) -> bool:
         return False
 
 
-def plot(report: dict) -> None:
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,8 +163,9 @@ def plot(report: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     modes = {"raw": "raw onnxruntime", "shared_in_place": "service, shm in place",
+             "shared_two_in_flight": "service, shm, 2 in flight",
              "shared_copied_in": "service, shm copied in", "pickled": "service, pickled body"}
-    colors = ["grey", "tab:cyan", "tab:blue", "tab:red"]
+    colors = ["grey", "tab:cyan", "tab:green", "tab:blue", "tab:red"]
     batches = list(report["infer_by_batch"])
     width = 0.8 / len(modes)
     for j, (mode, label) in enumerate(modes.items()):
@@ -173,8 +179,8 @@ def plot(report: dict) -> None:
     axes[0].set_xticks(np.arange(len(batches)), [f"batch {b}" for b in batches])
     axes[0].set_ylabel("slices / s, median round (median ratio to raw above)")
     h = report["headline"]
-    axes[0].set_title(f"ich_ct inference: batch {h['batch']}, shm in place: {h['ratio']:.2f} of raw "
-                      f"(goal {GOAL})", fontsize=9)
+    axes[0].set_title(f"ich_ct on {report['provider']}: batch {h['batch']}, shm in place: "
+                      f"{h['ratio']:.2f} of raw (goal {GOAL})", fontsize=9)
     axes[0].legend(fontsize=7, loc="lower right")
     an = report["analyse_study"]
     axes[1].bar(["in-process pipeline", "model service"],
@@ -182,7 +188,7 @@ def plot(report: dict) -> None:
     axes[1].set_ylabel("seconds per study")
     axes[1].set_title(f"analyse {report['slices']}-slice study: ratio {an['ratio']:.2f}")
     fig.tight_layout()
-    fig.savefig(OUT / "model_service.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ so concurrent studies share model runs instead of competing for the cores
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -115,28 +116,23 @@ class ModelService:
             raise bentoml.exceptions.NotFound("no ct-slices model is loaded")
         return self.predictors[self.default_ct](tensor)
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=MAX_LATENCY_MS)
-    def infer_shared(self, tensors: list[SharedTensor]) -> list[np.ndarray]:
+    @bentoml.api
+    async def infer_shared(self, tensors: list[SharedTensor]) -> list[np.ndarray]:
         """Raw outputs for tensors in shared memory: one array per tensor, in order.
 
-        Tensors for the same model that arrive together run as one batch; a lone tensor runs
-        on the shared memory itself, without a copy.
+        The model runs on the shared memory itself, without a copy. Not a BentoML batchable
+        API: its batcher would join concurrent calls with a copy and hold the next call back
+        until the current batch is done; here each tensor goes straight to its model's
+        inference thread, which tops up small batches with whatever else waits
+        (service/shared_batches.py). The await needs no worker thread.
         """
-        outputs: list[np.ndarray | None] = [None] * len(tensors)
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(tensors):
-            groups.setdefault(self._model_for(t), []).append(i)
         try:
             arrays = [self.shared.array(t) for t in tensors]
         except (ValueError, OSError) as e:
             raise bentoml.exceptions.InvalidArgument(str(e)) from e
-        for key, members in groups.items():
-            parts = [arrays[i] for i in members]
-            out = self.predictors[key](parts[0] if len(parts) == 1 else np.concatenate(parts))
-            bounds = np.cumsum([0] + [len(p) for p in parts])
-            for j, i in enumerate(members):
-                outputs[i] = out[bounds[j]:bounds[j + 1]]
-        return outputs
+        futures = [self.predictors[self._model_for(t)].submit(a)
+                   for t, a in zip(tensors, arrays, strict=True)]
+        return [await asyncio.wrap_future(f) for f in futures]
 
     def _model_for(self, tensor: SharedTensor) -> str:
         """The named model, or the one whose card input shape fits the tensor."""

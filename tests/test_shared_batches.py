@@ -36,7 +36,7 @@ def _wait_queued(batches: SharedBatches, n: int) -> None:
 
 def test_queued_batches_run_together_and_each_caller_gets_its_rows():
     model = GatedModel()
-    batches = SharedBatches(model, max_items=1000)
+    batches = SharedBatches(model, max_items=1000, full_rows=1000)
     rng = np.random.default_rng(0)
     inputs = [rng.random((n, 3, 4), dtype=np.float32) for n in (5, 7, 1, 64, 3)]
     with ThreadPoolExecutor(len(inputs)) as pool:
@@ -51,6 +51,22 @@ def test_queued_batches_run_together_and_each_caller_gets_its_rows():
         assert np.allclose(out[:, 0], x.reshape(len(x), -1).sum(axis=1), rtol=1e-5)
     assert model.calls == [5, 7 + 1 + 64 + 3], "the queued batches were not run as one"
     assert (batches.runs, batches.batches) == (2, 5)
+    batches.close()
+
+
+def test_only_batches_below_full_rows_are_topped_up():
+    """Joining full batches costs a copy and buys nothing: they run as they are."""
+    model = GatedModel()
+    batches = SharedBatches(model, max_items=100, full_rows=4)
+    with ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(batches, np.ones((1, 3), np.float32))]
+        assert model.entered.wait(30)
+        for i, rows in enumerate((3, 4, 4, 1)):
+            futures.append(pool.submit(batches, np.ones((rows, 3), np.float32)))
+            _wait_queued(batches, i + 1)
+        model.release.set()
+        assert [f.result(30).shape[0] for f in futures] == [1, 3, 4, 4, 1]
+    assert model.calls == [1, 3 + 4, 4, 1]
     batches.close()
 
 
