@@ -19,6 +19,7 @@ from pipelines.ct_series import load_ct_series
 from service.config import load_config
 from service.model_service import ModelService
 from service.onnx_sessions import Predictor, build_session, default_threads
+from service.shared_client import SharedInferClient
 from service.shared_tensors import SharedBuffer
 
 
@@ -31,8 +32,10 @@ class Bench:
                             provider: str = "cpu") -> dict:
         """Seconds for all batches of one study, per way of calling the model, `repeat` rounds.
 
-        raw: onnxruntime in this process. shared_in_place: the batches already lie in shared
-        memory (a caller that builds them there), one call at a time. shared_two_in_flight:
+        raw: onnxruntime in this process. shared_direct: the batches already lie in shared
+        memory (a caller that builds them there), one call at a time to `POST /shm/infer`
+        with befund's lean client. shared_in_place: the same through the BentoML API
+        `infer_shared` and the `depends` proxy. shared_two_in_flight:
         the same with two calls in flight. shared_copied_in: each batch is copied into
         the caller's one reusable staging region first. pickled: the batch in the HTTP body.
         """
@@ -58,6 +61,11 @@ class Bench:
         async def shared_in_place() -> list[np.ndarray]:
             return [(await client.infer_shared(tensors=[r]))[0] for r in refs]
 
+        direct = SharedInferClient.for_dependency()
+
+        async def shared_direct() -> list[np.ndarray]:
+            return [(await direct.infer([r]))[0] for r in refs]
+
         async def shared_two_in_flight() -> list[np.ndarray]:
             # two calls in flight, as two studies (or one caller that sends ahead) make them:
             # one call's HTTP round trip overlaps the other's model run
@@ -81,7 +89,7 @@ class Bench:
             return [await client.infer_ct(tensor=b) for b in batches]
 
         modes: dict[str, Callable[[], Awaitable[list[np.ndarray]]]] = {
-            "raw": run_raw, "shared_in_place": shared_in_place,
+            "raw": run_raw, "shared_direct": shared_direct, "shared_in_place": shared_in_place,
             "shared_two_in_flight": shared_two_in_flight, "shared_copied_in": shared_copied_in,
             "pickled": pickled}
         try:
@@ -93,6 +101,7 @@ class Bench:
                     await run()
                     rounds[name].append(time.perf_counter() - t)
         finally:
+            await direct.close()
             for buf in [staging, *placed]:
                 buf.close()
         return {"slices": len(tensor), "seconds_per_round": rounds,
@@ -111,7 +120,7 @@ class Bench:
         return {"seconds": best, "present": result["present"]}
 
     @bentoml.api
-    async def call_overhead(self, model_key: str, repeat: int) -> dict:
+    async def call_overhead(self, model_key: str, repeat: int, provider: str = "cpu") -> dict:
         """Median milliseconds of one call for a 1-row tensor, service minus raw: the fixed
         cost of a call, which the model time of a batch has to dwarf."""
         from pipelines.model_card import usable_cards
@@ -119,13 +128,14 @@ class Bench:
         cards, _ = usable_cards(load_config().models_dir)
         card = next(c for c in cards if c.key == model_key)
         shape = (1, *[d if d > 0 else 1 for d in card.input.shape[1:]])
-        raw = Predictor(card, build_session(card, "cpu", default_threads(reserved=0)))
+        raw = Predictor(card, build_session(card, provider, default_threads(reserved=0)))
         buf = SharedBuffer(int(np.prod(shape)) * 4)
         try:
             arr, ref = buf.tensor(shape, model=model_key)
             arr[...] = 0.5
             client = self.models.to_async
-            times: dict[str, list[float]] = {"raw": [], "service": [], "models_list": []}
+            direct = SharedInferClient.for_dependency()
+            times: dict[str, list[float]] = {"raw": [], "service": [], "direct": [], "models_list": []}
             for _ in range(repeat):
                 t = time.perf_counter()
                 raw(arr)
@@ -134,8 +144,12 @@ class Bench:
                 await client.infer_shared(tensors=[ref])
                 times["service"].append(time.perf_counter() - t)
                 t = time.perf_counter()
+                await direct.infer([ref])
+                times["direct"].append(time.perf_counter() - t)
+                t = time.perf_counter()
                 await client.models()
                 times["models_list"].append(time.perf_counter() - t)
+            await direct.close()
         finally:
             buf.close()
         return {name: round(float(np.median(v)) * 1000, 3) for name, v in times.items()}

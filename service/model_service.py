@@ -4,7 +4,9 @@ The gateway sends paths, not pixels (DESIGN.md: a `depends` call costs ~90 ms at
 Here the series is read, decoded in worker processes, preprocessed and inferred in batches.
 `infer_ct` / `infer_wsi` are batchable tensor endpoints for ML engineers and benchmarks;
 `infer_shared` takes the same tensors through shared memory when the caller is on this host
-(service/shared_tensors.py: the HTTP body costs more than the model at these sizes).
+(service/shared_tensors.py: the HTTP body costs more than the model at these sizes); the same
+call is also served at `POST /shm/infer`, a plain Starlette route without BentoML's API layer,
+for callers that make one call per batch (service/shared_client.py says why).
 Every call of a model, from any endpoint, goes through that model's one inference thread,
 so concurrent studies share model runs instead of competing for the cores
 (service/shared_batches.py).
@@ -13,6 +15,7 @@ so concurrent studies share model runs instead of competing for the cores
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
@@ -22,6 +25,11 @@ from typing import Any
 
 import bentoml
 import numpy as np
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard, usable_cards
@@ -46,6 +54,23 @@ def _default_for(cards: list[ModelCard], task: str) -> str | None:
     return keys[-1] if keys else None
 
 
+async def _infer_shared_route(request: Request) -> JSONResponse:
+    """POST /shm/infer {"tensors": [SharedTensor, ...]} -> {"outputs": [[[...]], ...]}."""
+    try:
+        tensors = [SharedTensor.model_validate(t) for t in json.loads(await request.body())["tensors"]]
+    except (ValueError, KeyError, TypeError, ValidationError) as e:
+        return JSONResponse({"error": f"bad request: {e}"}, status_code=400)
+    try:
+        outputs = await bentoml.get_current_service().run_shared(tensors)
+    except bentoml.exceptions.BentoMLException as e:
+        return JSONResponse({"error": str(e)}, status_code=int(e.error_code))
+    return JSONResponse({"outputs": [o.tolist() for o in outputs]})
+
+
+shared_route = Starlette(routes=[Route("/infer", _infer_shared_route, methods=["POST"])])
+
+
+@bentoml.asgi_app(shared_route, path="/shm")
 @bentoml.service(name="befund_models", workers=1, threads=4, traffic={"timeout": 1800})
 class ModelService:
     def __init__(self) -> None:
@@ -126,6 +151,10 @@ class ModelService:
         inference thread, which tops up small batches with whatever else waits
         (service/shared_batches.py). The await needs no worker thread.
         """
+        return await self.run_shared(tensors)
+
+    async def run_shared(self, tensors: list[SharedTensor]) -> list[np.ndarray]:
+        """What `infer_shared` and `POST /shm/infer` do: map, hand to the model thread, await."""
         try:
             arrays = [self.shared.array(t) for t in tensors]
         except (ValueError, OSError) as e:

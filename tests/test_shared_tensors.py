@@ -1,4 +1,5 @@
-"""Tensors through shared memory: the handle protocol, and the model service's infer_shared.
+"""Tensors through shared memory: the handle protocol, the model service's infer_shared and
+its lean route `POST /shm/infer` with befund's client.
 
 The service test serves `befund_models` alone with `bentoml serve` and calls it over HTTP with
 JSON, as an ML engineer's client on the same host would; outputs must equal raw onnxruntime.
@@ -6,6 +7,7 @@ JSON, as an ML engineer's client on the same host would; outputs must equal raw 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 
 from pipelines.model_card import load_card
 from service.onnx_sessions import Predictor, build_session
+from service.shared_client import SharedInferClient, SharedInferError
 from service.shared_tensors import SHM_DIR, SharedBuffer, SharedTensor, SharedTensorReader, shared_tensor
 from tests.dicom_peers import free_port
 from tests.node_harness import PROJECT, poll, stop_bentoml
@@ -138,3 +141,50 @@ def test_infer_shared_refuses_foreign_names_and_unknown_models(model_service):
         status, text = _post(f"{model_service}/infer_shared", {"tensors": [ref.model_dump()]})
     assert status == 404 and "not loaded" in str(text)
     assert not (SHM_DIR / ref.name).exists(), "a shared tensor outlived its call"
+
+
+def test_the_lean_route_equals_raw_onnxruntime_and_reuses_its_connection(model_service):
+    card = load_card(PROJECT / "models" / "ich_ct")
+    raw = Predictor(card, build_session(card, "cpu", 1))
+    rng = np.random.default_rng(11)
+    batches = [rng.random((n, 9, 128, 128), dtype=np.float32) for n in (3, 1)]
+
+    async def calls() -> list[list[np.ndarray]]:
+        client = SharedInferClient(model_service)
+        try:
+            with shared_tensor(batches[0].shape) as (a, ref_a), \
+                    shared_tensor(batches[1].shape, model=card.key) as (b, ref_b):
+                a[...], b[...] = batches
+                first = await client.infer([ref_a, ref_b])
+                assert len(client._idle) == 1, "the connection was not kept for the next call"
+                client._idle[0][1].transport.abort()  # as when the server drops an idle connection
+                second = await client.infer([ref_b])
+            return [first, second]
+        finally:
+            await client.close()
+
+    first, second = asyncio.run(calls())
+    assert [o.shape for o in first] == [(3, 1), (1, 1)]
+    for got, batch in zip(first, batches, strict=True):
+        assert np.allclose(got, raw(batch), atol=1e-4)
+    assert np.array_equal(second[0], first[1])
+
+
+def test_the_lean_route_refuses_foreign_names_unknown_models_and_bad_bodies(model_service):
+    async def refused(tensors) -> SharedInferError:
+        client = SharedInferClient(model_service)
+        try:
+            with pytest.raises(SharedInferError) as caught:
+                await client.infer(tensors)
+            return caught.value
+        finally:
+            await client.close()
+
+    foreign = SharedTensor(name="../../etc/passwd", shape=[1, 9, 128, 128], dtype="float32")
+    error = asyncio.run(refused([foreign]))
+    assert error.status == 400 and "not a befund shared tensor" in str(error)
+    with shared_tensor((1, 9, 128, 128), model="nope@9") as (_, ref):
+        error = asyncio.run(refused([ref]))
+    assert error.status == 404 and "not loaded" in str(error)
+    status, text = _post(f"{model_service}/shm/infer", {"tensor": []})
+    assert status == 400 and "bad request" in str(text)
