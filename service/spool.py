@@ -25,6 +25,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.tag import Tag
 
+from service.dicom_header import read_plain_header
+
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 UID_MAX_LEN = 64
 INCOMING_DIR = ".incoming"  # the network layer's temp files: same filesystem, so rename not copy
@@ -209,7 +211,13 @@ class Spool:
 
     # -- reading -----------------------------------------------------------------------------
     def read_header(self, path: Path):
-        """Parse the header of a Part 10 file, skipping pixel data and large values."""
+        """Parse the header of a Part 10 file, skipping pixel data and large values.
+
+        The plain case (service/dicom_header.py) needs no pydicom; everything else does.
+        """
+        plain = read_plain_header(path)
+        if plain is not None:
+            return plain
         try:
             ds = dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE,
                          specific_tags=HEADER_TAGS)
