@@ -405,3 +405,64 @@ def test_fast_encoders_match_pydicom_byte_for_byte():
         msg.primitive_to_message(rsp)
         assert pynetdicom_tuning.encode_command_set(msg.command_set, True, True) == encode(
             msg.command_set, True, True)
+
+
+def test_the_direct_store_response_is_the_pdu_pynetdicom_sends():
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    for status, uid in ((0x0000, "1.2.3.4.5"), (0xA700, "1.2.3.4"), (0xC000, "1.2.840.10008.99")):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 513
+        rsp.AffectedSOPClassUID = CTImageStorage
+        rsp.AffectedSOPInstanceUID = uid
+        rsp.Status = status
+        msg = C_STORE_RSP()
+        msg.primitive_to_message(rsp)
+        [pdata] = list(msg.encode_msg(3, 16384))
+        pdu = P_DATA_TF()
+        pdu.from_primitive(pdata)
+        assert pynetdicom_tuning.encode_store_response(
+            3, sop_class_uid=CTImageStorage, sop_instance_uid=uid, message_id=513,
+            status=status) == pdu.encode()
+
+
+def test_store_responses_with_an_error_comment_take_pynetdicoms_path(node, tmp_path):
+    """The direct path sends only plain responses; one with optional fields goes the long way
+    and still reaches the sender (storescu reports the status)."""
+    listener, rec, spool = node()
+    calls = []
+    original = pynetdicom_tuning._StoreResponseSender._sends_directly
+
+    def spy(self, primitive):
+        primitive.ErrorComment = "refused for a test"
+        result = original(self, primitive)
+        calls.append(result)
+        return result
+
+    pynetdicom_tuning._StoreResponseSender._sends_directly = spy
+    try:
+        result = run_storescu([make_ct(tmp_path / "a.dcm")], port=listener.port)
+    finally:
+        pynetdicom_tuning._StoreResponseSender._sends_directly = original
+    assert calls == [False]
+    assert result.returncode == 0, result.output  # success status, sent by pynetdicom itself
+    assert len(rec.instances) == 1
+
+
+def test_plain_store_responses_are_sent_directly(node, tmp_path, monkeypatch):
+    listener, rec, _ = node()
+    sent = []
+    original = pynetdicom_tuning._StoreResponseSender._encoded
+
+    def counting(self, primitive, context_id):
+        pdu = original(self, primitive, context_id)
+        sent.append(pdu is not None)
+        return pdu
+
+    monkeypatch.setattr(pynetdicom_tuning._StoreResponseSender, "_encoded", counting)
+    files = [make_ct(tmp_path / f"{i}.dcm", seed=i) for i in range(3)]
+    result = run_storescu(files, port=listener.port)
+    assert result.returncode == 0, result.output
+    assert sent == [True, True, True] and len(rec.instances) == 3
