@@ -69,7 +69,7 @@ import time
 from pathlib import Path
 
 import pynetdicom
-from pynetdicom import _config, association, dimse, dimse_messages, dul, transport
+from pynetdicom import _config, association, dimse, dimse_messages, dul, fsm, service_class, transport
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -113,6 +113,11 @@ def check_compatible() -> None:
     for name in ("encode", "create_file_meta", "write_file_meta_info"):
         if not hasattr(dimse_messages, name):
             problems.append(f"dimse_messages no longer imports {name}")
+    if "self.dimse.send_msg(rsp, cx_id)" not in inspect.getsource(
+            service_class.StorageServiceClass.SCP):
+        problems.append("the storage SCP no longer answers through dimse.send_msg")
+    if "current_state" not in inspect.getsource(fsm.StateMachine.__init__):
+        problems.append("the DUL state machine no longer keeps current_state")
     if "ssl_context.wrap_socket" not in inspect.getsource(transport.AssociationServer.get_request):
         problems.append("AssociationServer.get_request no longer wraps TLS sockets itself")
     if problems:
