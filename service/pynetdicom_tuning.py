@@ -50,6 +50,15 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    directly (`encode_store_response`) and send it at once; anything else takes pynetdicom's
    path. A test compares the bytes with pynetdicom's.
 
+10. Data set fragments. Each P-DATA-TF PDU costs pynetdicom a PDU object, a copy per PDV,
+   an FSM event and a DIMSE decode step before its bytes reach the incoming file. While a
+   C-STORE data set is being received (data transfer state, the message's file open), a PDU
+   whose PDVs are all middle data fragments on the message's context is read into one
+   reusable buffer and written to the file directly. Every other PDU (commands, the last
+   fragment, other contexts, anything malformed) is pushed back unread and read by
+   pynetdicom's own `_read_pdu_data`, so the end of each message, and every error, still
+   goes through pynetdicom.
+
 `check_compatible()` verifies the internals we rely on are still there; the test suite calls
 it, so a pynetdicom upgrade that moves them fails loudly instead of silently going slow or
 using the system temp dir.
@@ -66,6 +75,7 @@ import struct
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pynetdicom
@@ -81,6 +91,10 @@ REACTOR_POLL_S = 0.001  # the association reactor's own poll interval in pynetdi
 REACTOR_IDLE_S = 0.05  # our longest wait between checks (kill flag, DUL liveness)
 
 _original_ntf = tempfile.NamedTemporaryFile
+_original_read_pdu_data = dul.DULServiceProvider._read_pdu_data
+PUSHBACK_ATTR = "_befund_pushback"  # bytes read ahead that pynetdicom's reader gets first
+STREAM_BUFFER_ATTR = "_befund_pdu_buffer"
+STREAM_MAX_PDU = 16 * 1024 * 1024  # larger PDUs go pynetdicom's way
 _original_recv = transport.AssociationSocket.recv
 _applied = False
 _lock = threading.Lock()
@@ -136,11 +150,17 @@ def _incoming_ntf(*args, **kwargs):
 
 
 def _recv_exact(self, nr_bytes: int) -> bytearray:
-    """Read `nr_bytes` (or fewer if the peer closes) with recv_into into one buffer."""
+    """Read `nr_bytes` (or fewer if the peer closes) with recv_into into one buffer; bytes
+    pushed back by `_read_pdu_streaming` come first."""
     sock = self.socket
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
     got = 0
+    pushback = getattr(self, PUSHBACK_ATTR, None)
+    if pushback:
+        got = min(nr_bytes, len(pushback))
+        view[:got] = pushback[:got]
+        setattr(self, PUSHBACK_ATTR, pushback[got:])
     while got < nr_bytes:
         n = sock.recv_into(view[got:], nr_bytes - got)
         if not n:
@@ -218,6 +238,68 @@ class _ReactorTime:
         time.sleep(seconds)
 
 
+def _recv_into(sock, view: memoryview) -> int:
+    """Fill `view` from the socket; the number of bytes read (fewer if the peer closed)."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _read_pdu_streaming(dul_provider) -> None:
+    """`_read_pdu_data` of an accepted association's DUL (see 10).
+
+    A P-DATA-TF PDU whose PDVs are all middle data fragments of the C-STORE being received
+    goes straight into its incoming file; any other PDU is pushed back and read by
+    pynetdicom's own `_read_pdu_data`.
+    """
+    assoc_socket = dul_provider.socket
+    message = dul_provider.assoc.dimse.message
+    target = getattr(message, "_data_set_file", None)
+    if target is None or dul_provider.state_machine.current_state != "Sta6":
+        _original_read_pdu_data(dul_provider)
+        return
+    header = _recv_exact(assoc_socket, 6)
+    pdu_type, pdu_length = (header[0], struct.unpack_from(">L", header, 2)[0]) if len(header) == 6 else (0, 0)
+    if pdu_type != 0x04 or not 0 < pdu_length <= STREAM_MAX_PDU:
+        setattr(assoc_socket, PUSHBACK_ATTR, bytes(header))
+        _original_read_pdu_data(dul_provider)
+        return
+    buf = getattr(dul_provider, STREAM_BUFFER_ATTR, None)
+    if buf is None or len(buf) < pdu_length:
+        buf = bytearray(max(pdu_length, 65536))
+        setattr(dul_provider, STREAM_BUFFER_ATTR, buf)
+    view = memoryview(buf)[:pdu_length]
+    got = _recv_into(assoc_socket.socket, view)
+    fragments = _middle_data_fragments(view, message.context_id) if got == pdu_length else None
+    if fragments is None:  # anything unusual: pynetdicom reads it from the start
+        setattr(assoc_socket, PUSHBACK_ATTR, bytes(header) + bytes(view[:got]))
+        _original_read_pdu_data(dul_provider)
+        return
+    for start, end in fragments:
+        target.write(view[start:end])
+    target.file.flush()
+
+
+def _middle_data_fragments(pdu_body: memoryview, context_id) -> list[tuple[int, int]] | None:
+    """(start, end) of each PDV's data when every PDV in the P-DATA-TF body is a data set
+    fragment on `context_id` that is not the last; otherwise None."""
+    out = []
+    pos, end = 0, len(pdu_body)
+    while pos < end:
+        if pos + 6 > end:
+            return None
+        item_length, item_context, control = struct.unpack_from(">LBB", pdu_body, pos)
+        if item_length < 2 or pos + 4 + item_length > end or item_context != context_id or control & 0x03:
+            return None  # malformed, another context, a command fragment, or the last fragment
+        out.append((pos + 6, pos + 4 + item_length))
+        pos += 4 + item_length
+    return out or None
+
+
 def inline_store_requests(assoc) -> None:
     """For one accepted association: serve C-STORE requests in its DUL thread (6a) and let
     its association thread sleep until the DUL hands it something (6c)."""
@@ -228,6 +310,7 @@ def inline_store_requests(assoc) -> None:
     assoc.dul.to_user_queue = _WakingQueue(wake)
     setattr(assoc, WAKE_ATTR, wake)
     assoc.dimse.send_msg = _StoreResponseSender(assoc, assoc.dimse.send_msg)
+    assoc.dul._read_pdu_data = types.MethodType(_read_pdu_streaming, assoc.dul)
 
 
 _STORE_RSP_OPTIONAL = ("OffendingElement", "ErrorComment")

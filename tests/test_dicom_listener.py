@@ -466,3 +466,44 @@ def test_plain_store_responses_are_sent_directly(node, tmp_path, monkeypatch):
     result = run_storescu(files, port=listener.port)
     assert result.returncode == 0, result.output
     assert sent == [True, True, True] and len(rec.instances) == 3
+
+
+def test_large_instances_stream_their_middle_fragments_into_the_file(node, tmp_path, monkeypatch):
+    """Many PDUs per instance (small max PDU): the middle ones take the direct path, the last
+    one pynetdicom's; the stored file is byte for byte what was sent."""
+    listener, rec, _ = node(max_pdu=16384)
+    streamed = []
+    original = pynetdicom_tuning._middle_data_fragments
+
+    def counting(body, context_id):
+        found = original(body, context_id)
+        streamed.append(found is not None)
+        return found
+
+    monkeypatch.setattr(pynetdicom_tuning, "_middle_data_fragments", counting)
+    files = [make_ct(tmp_path / f"{i}.dcm", rows=256, cols=256, seed=i) for i in range(2)]
+    result = run_storescu(files, port=listener.port)
+    assert result.returncode == 0, result.output
+    assert streamed.count(True) >= 2 * (256 * 256 * 2 // 16384 - 2), "middle fragments were not streamed"
+    assert streamed.count(False) >= 2  # each instance's last fragment went pynetdicom's way
+    for f in files:
+        inst = next(i for i in rec.instances if i.sop_instance_uid == dcmread(f).SOPInstanceUID)
+        assert dcmread(inst.path) == dcmread(f)
+        assert dcmread(inst.path).PixelData == dcmread(f).PixelData
+
+
+def test_only_plain_middle_data_fragments_are_streamed():
+    import struct
+
+    def pdv(context: int, control: int, data: bytes) -> bytes:
+        return struct.pack(">LBB", len(data) + 2, context, control) + data
+
+    middle = pdv(1, 0x00, b"abcd") + pdv(1, 0x00, b"ef")
+    assert pynetdicom_tuning._middle_data_fragments(memoryview(middle), 1) == [(6, 10), (16, 18)]
+    for body in (pdv(1, 0x02, b"last"),             # the last fragment: pynetdicom completes it
+                 pdv(1, 0x01, b"cmd!"),             # a command fragment
+                 pdv(3, 0x00, b"data"),             # another presentation context
+                 middle[:-1],                       # truncated
+                 struct.pack(">LBB", 1, 1, 0),      # an item too short to hold its header
+                 b""):
+        assert pynetdicom_tuning._middle_data_fragments(memoryview(body), 1) is None, body
