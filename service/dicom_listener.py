@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification
 
 from service import pynetdicom_tuning
 from service.config import Config
+from service.incoming_files import IncomingFiles
 from service.spool import (
     InstanceTooLarge,
     InvalidUid,
@@ -101,6 +102,7 @@ class DicomListener:
         self._server = None
         self._tls_server = None
         self._ae: AE | None = None
+        self._incoming: IncomingFiles | None = None
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
 
@@ -120,7 +122,7 @@ class DicomListener:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        pynetdicom_tuning.set_incoming_dir(ae, self.spool.incoming)
+        self._incoming = pynetdicom_tuning.set_incoming_dir(ae, self.spool.incoming)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -151,6 +153,9 @@ class DicomListener:
             self._server.shutdown()
             self._server = None
             LOG.info("listener stopped")
+        if self._incoming is not None:
+            self._incoming.close()
+            self._incoming = None
 
     @property
     def port(self) -> int:

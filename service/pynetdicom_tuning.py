@@ -7,9 +7,11 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    kept in memory, so a 1 GB slide never sits in RAM.
 2. Where that temp file lives: pynetdicom creates it with `tempfile.NamedTemporaryFile()` in
    the system temp dir. We make the name `NamedTemporaryFile` inside `pynetdicom.dimse_messages`
-   point at a wrapper that creates the file in the receiving AE's incoming directory (inside
-   the spool), so the spool can rename it into place instead of copying it. The wrapper finds
-   the AE from the current thread, which is the association's DUL thread when decoding.
+   point at a wrapper that takes the file from the receiving AE's pool of files created ahead
+   in its incoming directory (inside the spool; service/incoming_files.py), so the spool can
+   rename it into place instead of copying it, and the receive thread does not wait for the
+   create. The wrapper finds the AE from the current thread, which is the association's DUL
+   thread when decoding.
 3. TCP_NODELAY on accepted sockets (pynetdicom never sets it; without it DCMTK's delayed-ACK
    interplay costs ~40 ms per response) and bigger socket buffers.
 4. `AssociationSocket.recv` reads in 4 KiB pieces and grows a bytearray; we read a PDU with
@@ -83,9 +85,11 @@ from pynetdicom import _config, association, dimse, dimse_messages, dul, fsm, se
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from service.incoming_files import IncomingFiles
+
 TESTED_VERSIONS = ("3.0.",)
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
-INCOMING_ATTR = "_befund_incoming_dir"  # set on a pynetdicom AE by the listener
+INCOMING_ATTR = "_befund_incoming_files"  # an IncomingFiles, set on the AE by the listener
 WAKE_ATTR = "_befund_wake"  # set on an accepted Association
 REACTOR_POLL_S = 0.001  # the association reactor's own poll interval in pynetdicom 3.0
 REACTOR_IDLE_S = 0.05  # our longest wait between checks (kill flag, DUL liveness)
@@ -139,13 +143,12 @@ def check_compatible() -> None:
 
 
 def _incoming_ntf(*args, **kwargs):
-    """NamedTemporaryFile in the receiving AE's incoming dir (falls back to the system temp dir)."""
+    """A file from the receiving AE's incoming pool (falls back to the system temp dir)."""
     thread = threading.current_thread()
     assoc = getattr(thread, "_assoc", None)
-    directory = getattr(getattr(assoc, "ae", None), INCOMING_ATTR, None)
-    if directory is not None and "dir" not in kwargs:
-        kwargs["dir"] = directory
-        kwargs.setdefault("prefix", ".rx-")
+    pool = getattr(getattr(assoc, "ae", None), INCOMING_ATTR, None)
+    if pool is not None and "dir" not in kwargs:
+        return pool.take()
     return _original_ntf(*args, **kwargs)
 
 
@@ -462,8 +465,12 @@ def tune_socket(sock: socket.socket | None) -> None:
         pass
 
 
-def set_incoming_dir(ae: pynetdicom.AE, directory: Path) -> None:
-    setattr(ae, INCOMING_ATTR, str(directory))
+def set_incoming_dir(ae: pynetdicom.AE, directory: Path) -> IncomingFiles:
+    """Received data sets of `ae` go into files created ahead in `directory`; the caller
+    closes the returned pool when the AE stops."""
+    pool = IncomingFiles(directory)
+    setattr(ae, INCOMING_ATTR, pool)
+    return pool
 
 
 class HandshakeInThreadServer(ThreadedAssociationServer):

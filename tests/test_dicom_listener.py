@@ -104,7 +104,9 @@ def node(tmp_path):
 
 
 def spooled_files(spool: Spool) -> list[Path]:
-    return [p for p in spool.root.rglob("*") if p.is_file()]
+    """Files with data in the spool (not the empty ones prepared ahead for receiving)."""
+    return [p for p in spool.root.rglob("*") if p.is_file()
+            and not (p.parent == spool.incoming and p.stat().st_size == 0)]
 
 
 def wait_until(predicate, deadline_s: float = DEADLINE_S) -> None:
@@ -161,7 +163,8 @@ def test_stored_instances_are_on_disk_identical_and_indexed_once(node, tmp_path)
         assert (inst.modality, inst.body_part, inst.descriptions) == ("CT", "HEAD", ("CT HEAD", "AXIAL 5mm"))
         assert inst.image_type == ("ORIGINAL", "PRIMARY", "AXIAL") and inst.instance_number == 1
         assert inst.size == inst.path.stat().st_size
-    assert not list(spool.incoming.iterdir())  # no leftovers
+    leftovers = [f for f in spool.incoming.iterdir() if f.stat().st_size]
+    assert not leftovers  # only the empty files prepared ahead for the next instances
 
 
 def test_network_temp_files_land_in_the_spool_so_storing_is_a_rename(node, tmp_path, monkeypatch):
@@ -507,3 +510,39 @@ def test_only_plain_middle_data_fragments_are_streamed():
                  struct.pack(">LBB", 1, 1, 0),      # an item too short to hold its header
                  b""):
         assert pynetdicom_tuning._middle_data_fragments(memoryview(body), 1) is None, body
+
+
+def test_incoming_files_are_prepared_ahead_and_removed_when_the_listener_stops(node, tmp_path):
+    listener, rec, spool = node()
+    wait_until(listener._incoming._ready.full)
+    prepared = {p.name for p in spool.incoming.iterdir()}  # the ready ones, and one on its way
+    assert len(prepared) >= listener._incoming._ready.maxsize
+    assert all(name.startswith(".rx-") for name in prepared)
+    assert all((spool.incoming / name).stat().st_mode & 0o777 == 0o600 for name in prepared)
+    sources = []
+    original = spool.store
+
+    def recording_store(source, **kw):
+        sources.append(Path(source).name)
+        return original(source, **kw)
+
+    spool.store = recording_store
+    assert run_storescu([make_ct(tmp_path / "a.dcm")], port=listener.port).returncode == 0
+    assert sources[0] in prepared, "the instance was not written into a prepared file"
+    assert len(rec.instances) == 1
+    listener.stop()
+    assert list(spool.incoming.iterdir()) == [], "prepared files outlived the listener"
+
+
+def test_incoming_files_never_make_the_receive_path_wait(tmp_path):
+    from service.incoming_files import IncomingFiles
+
+    pool = IncomingFiles(tmp_path, ready=1)
+    taken = [pool.take() for _ in range(5)]  # more than are ready: the rest are created at once
+    assert len({f.name for f in taken}) == 5
+    for f in taken:
+        f.write(b"x")
+        f.file.flush()
+        f.close()
+    pool.close()
+    assert sorted(p.stat().st_size for p in tmp_path.iterdir()) == [1] * 5
