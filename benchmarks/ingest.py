@@ -191,7 +191,7 @@ def phase_breakdown(files: list[Path], work: Path) -> dict[str, float]:
     spent: dict[str, float] = {}
     patched = [(spool_module, "_fsync_file", "fsync of the instance file"),
                (spool_module, "_fsync_dir", "fsync of its directory"),
-               (Spool, "read_header", "header parse (pydicom)"),
+               (Spool, "read_header", "header parse"),
                (StateDB, "record_instance", "index (SQLite)")]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
 
