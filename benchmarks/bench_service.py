@@ -66,6 +66,15 @@ class Bench:
         async def shared_direct() -> list[np.ndarray]:
             return [(await direct.infer([r]))[0] for r in refs]
 
+        async def shared_direct_two_in_flight() -> list[np.ndarray]:
+            slots = asyncio.Semaphore(2)
+
+            async def one(ref) -> np.ndarray:
+                async with slots:
+                    return (await direct.infer([ref]))[0]
+
+            return list(await asyncio.gather(*(one(r) for r in refs)))
+
         async def shared_two_in_flight() -> list[np.ndarray]:
             # two calls in flight, as two studies (or one caller that sends ahead) make them:
             # one call's HTTP round trip overlaps the other's model run
@@ -89,7 +98,8 @@ class Bench:
             return [await client.infer_ct(tensor=b) for b in batches]
 
         modes: dict[str, Callable[[], Awaitable[list[np.ndarray]]]] = {
-            "raw": run_raw, "shared_direct": shared_direct, "shared_in_place": shared_in_place,
+            "raw": run_raw, "shared_direct": shared_direct,
+            "shared_direct_two_in_flight": shared_direct_two_in_flight, "shared_in_place": shared_in_place,
             "shared_two_in_flight": shared_two_in_flight, "shared_copied_in": shared_copied_in,
             "pickled": pickled}
         try:

@@ -3,7 +3,8 @@
 A preprocessed 300-slice head-CT phantom, cut into batches (64, the pipeline's size, and
 128), the same thread count. Inside one BentoML entry service (benchmarks/bench_service.py)
 raw onnxruntime and the model service are timed in alternation: the batch in shared memory
-sent to `POST /shm/infer` with befund's lean client (the headline), the same through the
+sent to `POST /shm/infer` with befund's lean client (one call at a time: the headline; and
+two in flight, as a caller that sends a study's batches ahead), the same through the
 BentoML API `infer_shared` and the `bentoml.depends` proxy (one call or two in flight), the
 batch copied into a reusable staging region first, and the batch pickled into the HTTP body.
 Slices/s and the ratio to raw (goal >= 0.9), and the fixed cost of one call (1-row tensor).
@@ -168,10 +169,11 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     modes = {"raw": "raw onnxruntime", "shared_direct": "service, shm, /shm/infer",
+             "shared_direct_two_in_flight": "service, shm, /shm/infer, 2 in flight",
              "shared_in_place": "service, shm, depends proxy",
              "shared_two_in_flight": "service, shm, proxy, 2 in flight",
              "shared_copied_in": "service, shm copied in", "pickled": "service, pickled body"}
-    colors = ["grey", "tab:olive", "tab:cyan", "tab:green", "tab:blue", "tab:red"]
+    colors = ["grey", "tab:olive", "tab:brown", "tab:cyan", "tab:green", "tab:blue", "tab:red"]
     batches = list(report["infer_by_batch"])
     width = 0.8 / len(modes)
     for j, (mode, label) in enumerate(modes.items()):
