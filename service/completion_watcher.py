@@ -32,6 +32,10 @@ class CompletionWatcher:
         self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        """True while the completion thread runs (readiness and liveness probes ask)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self.wake.set()

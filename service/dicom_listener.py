@@ -135,8 +135,8 @@ class DicomListener:
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
         self._ae = ae
-        self._server = ae.start_server((self.config.dicom_host, self.config.dicom_port),
-                                       block=False, evt_handlers=handlers)
+        self._server = pynetdicom_tuning.start_server(
+            ae, (self.config.dicom_host, self.config.dicom_port), handlers)
         LOG.info("listening as %s on %s:%d", self.config.ae_title, self.config.dicom_host, self.port)
         if self.config.tls.enabled:
             self._tls_server = pynetdicom_tuning.start_tls_server(
@@ -156,6 +156,11 @@ class DicomListener:
         if self._incoming is not None:
             self._incoming.close()
             self._incoming = None
+
+    def serving(self) -> bool:
+        """True while every port this listener opened accepts associations."""
+        servers = [self._server] + ([self._tls_server] if self.config.tls.enabled else [])
+        return all(pynetdicom_tuning.serving(s) for s in servers)
 
     @property
     def port(self) -> int:

@@ -16,6 +16,7 @@ from service.http_api import build_app
 from service.logging_setup import configure_logging
 from service.model_service import ModelService
 from service.node import Node
+from service.node_checks import alive, ready
 from service.parent_death import die_with_parent
 
 log = logging.getLogger("befund.gateway")
@@ -44,6 +45,14 @@ class Gateway:
             return asyncio.run_coroutine_threadsafe(call, loop).result()
 
         self.node.start_jobs(analyse)
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz asks this: every part of the node works (service/node_checks.py)."""
+        return ready(self.node.checks())
+
+    def __is_alive__(self) -> bool:
+        """BentoML's /livez asks this: the node's own threads run (a restart would help)."""
+        return alive(self.node.checks())
 
     @bentoml.on_shutdown
     def stop(self) -> None:

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.node import current_node
+from service.node_checks import status
 from service.study_status import all_study_rows, study_detail
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -77,6 +78,12 @@ async def list_models(request: Request) -> JSONResponse:
                     for folder, error in node.card_errors.items()]})
 
 
+async def node_status(request: Request) -> JSONResponse:
+    """Ready, alive and each part's check with the reason it fails (what /readyz only counts)."""
+    body = status(current_node().checks())
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
 async def answered_by_token_gate(request: Request) -> JSONResponse:
     """Never reached: the token gate (service/auth.py) answers /login and /logout itself. The
     routes exist because BentoML's mount passes a path to this app only when a route matches."""
@@ -89,6 +96,7 @@ API_ROUTES = [
     Route("/studies/{study_uid}/run", run_study, methods=["POST"]),
     Route("/deliveries/{delivery_id}/resend", resend_delivery, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
+    Route("/status", node_status, methods=["GET"]),
     Route("/login", answered_by_token_gate, methods=["GET", "HEAD", "POST"]),
     Route("/logout", answered_by_token_gate, methods=["GET", "HEAD"]),
 ]

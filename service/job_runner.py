@@ -59,18 +59,30 @@ class JobRunner:
         for t in self._threads:
             t.join(timeout=5)
 
+    def alive(self) -> bool:
+        """True while every runner thread runs (readiness and liveness probes ask)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.db.lease_job(self.owner, self.config.job_lease_s)
-            if job is None:
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
             try:
-                self.run_job(job)
-            except Exception:  # noqa: BLE001 - a bug in one job must not stop the runner
-                log.exception("job %s crashed in the runner; it will be retried", job["id"])
-                self.db.retry_job_later(job["id"], "internal error in the job runner", 5.0)
+                self._step()
+            except Exception:  # noqa: BLE001 - a locked or failing state DB must not end the runner
+                log.exception("job runner cannot reach the state DB; trying again in 1 s")
+                self._stop.wait(1.0)
+
+    def _step(self) -> None:
+        """Lease one job and run it, or wait up to 0.5 s for one."""
+        job = self.db.lease_job(self.owner, self.config.job_lease_s)
+        if job is None:
+            self.wake.wait(0.5)
+            self.wake.clear()
+            return
+        try:
+            self.run_job(job)
+        except Exception:  # noqa: BLE001 - a bug in one job must not stop the runner
+            log.exception("job %s crashed in the runner; it will be retried", job["id"])
+            self.db.retry_job_later(job["id"], "internal error in the job runner", 5.0)
 
     def run_job(self, job: dict[str, Any]) -> None:
         key = f"{job['model_name']}@{job['model_version']}"

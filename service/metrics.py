@@ -30,3 +30,11 @@ WSI_TISSUE_FRACTION = Histogram(
     "befund_wsi_tissue_fraction", "Fraction of the slide's tile grid that holds tissue",
     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))
 FINDINGS = Counter("befund_findings_total", "Analysed results by verdict", ["model", "verdict"])
+# One value per node, not per process: under BentoML every process exports its gauges, and the
+# model service's process would add a 0 beside the gateway's 1 ("livemax" keeps the gateway's).
+NODE_READY = Gauge("befund_node_ready", "1 while every readiness check holds (GET /status says which fails)",
+                   multiprocess_mode="livemax")
+NODE_CHECK = Gauge("befund_node_check_ok", "1 while this part of the node works", ["check"],
+                   multiprocess_mode="livemax")
+SPOOL_FREE_BYTES = Gauge("befund_spool_free_bytes", "Free bytes on the spool's file system",
+                         multiprocess_mode="livemax")

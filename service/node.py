@@ -21,6 +21,7 @@ from service.completion_watcher import CompletionWatcher
 from service.config import Config
 from service.dicom_listener import DicomListener
 from service.job_runner import Analyse, JobRunner
+from service.node_checks import Check, failing, node_checks, ready
 from service.outbox import Outbox
 from service.retention import RetentionCleaner
 from service.spool import Spool, StoredInstance
@@ -76,6 +77,7 @@ class Node:
         self.retention = RetentionCleaner(self.db, config.spool_path, config.retention_hours)
         self.runner: JobRunner | None = None
         self._metrics_stop = threading.Event()
+        self._last_failing: str | None = None
         _current = self
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -133,6 +135,23 @@ class Node:
         self.outbox.wake.set()
         return ok
 
+    # --- health -------------------------------------------------------------------------------
+
+    def checks(self) -> list[Check]:
+        """Each part's state (service/node_checks.py); a change of what fails is logged once."""
+        checks = node_checks(self)
+        now_failing = failing(checks)
+        if now_failing != self._last_failing:
+            if now_failing:
+                log.warning("node not ready: %s", now_failing)
+            elif self._last_failing:
+                log.info("node ready again")
+            self._last_failing = now_failing
+        for c in checks:
+            metrics.NODE_CHECK.labels(c.name).set(1 if c.ok else 0)
+        metrics.NODE_READY.set(1 if ready(checks) else 0)
+        return checks
+
     # --- recovery ------------------------------------------------------------------------------
 
     def reconcile_spool(self) -> int:
@@ -176,6 +195,8 @@ class Node:
                 by_state = {r["state"]: r["n"] for r in rows}
                 for state in ("pending", "delivered", "dead"):
                     metrics.OUTBOX_PENDING.labels(state).set(by_state.get(state, 0))
+                metrics.SPOOL_FREE_BYTES.set(self.spool.free_bytes())
+                self.checks()
             except Exception:  # noqa: BLE001 - metrics must never take the node down
                 log.debug("gauge refresh failed", exc_info=True)
 

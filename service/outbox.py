@@ -80,6 +80,10 @@ class Outbox:
         self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        """True while the delivery thread runs (readiness and liveness probes ask)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self.wake.set()
@@ -89,20 +93,25 @@ class Outbox:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                due = self.db.due_deliveries(time.time())
-                for row in due:
-                    if self._stop.is_set():
-                        return
-                    self.attempt(row)
+                wait = self._deliver_due()
             except Exception:  # noqa: BLE001 - the delivery loop must survive anything
                 log.exception("outbox loop error")
-                due = []
-            if due:
-                continue
-            nxt = self.db.next_delivery_at()
-            wait = 1.0 if nxt is None else max(0.05, min(1.0, nxt - time.time()))
-            self.wake.wait(wait)
-            self.wake.clear()
+                wait = 1.0
+            if wait:
+                self.wake.wait(wait)
+                self.wake.clear()
+
+    def _deliver_due(self) -> float:
+        """Attempt what is due; return seconds to wait before the next look (0: look again now)."""
+        due = self.db.due_deliveries(time.time())
+        for row in due:
+            if self._stop.is_set():
+                return 0.0
+            self.attempt(row)
+        if due:
+            return 0.0
+        nxt = self.db.next_delivery_at()
+        return 1.0 if nxt is None else max(0.05, min(1.0, nxt - time.time()))
 
     def attempt(self, row: dict[str, Any]) -> bool:
         """Try one delivery; record success, or schedule the next try (or dead letter)."""

@@ -509,7 +509,27 @@ def start_tls_server(ae: pynetdicom.AE, address, ssl_context, evt_handlers, hand
                             server_class=HandshakeInThreadServer)
     server.handshake_timeout = handshake_timeout
     server.on_handshake_failure = on_handshake_failure
-    thread = threading.Thread(target=server.serve_forever, name="TlsAcceptor", daemon=True)
-    thread.start()
-    ae._servers.append(server)
+    serve_in_thread(ae, server, "dicom-tls-accept")
     return server
+
+
+def start_server(ae: pynetdicom.AE, address, evt_handlers) -> ThreadedAssociationServer:
+    """Like `ae.start_server(address, block=False, ...)`, with the serving thread kept."""
+    server = ae.make_server(address, evt_handlers=evt_handlers, server_class=ThreadedAssociationServer)
+    serve_in_thread(ae, server, "dicom-accept")
+    return server
+
+
+def serve_in_thread(ae: pynetdicom.AE, server: ThreadedAssociationServer, name: str) -> None:
+    """Serve in a daemon thread kept as `server.befund_thread`, so that a readiness probe can
+    tell whether the listener still accepts (`serving`); pynetdicom does not keep its thread."""
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    server.befund_thread = thread
+    thread.start()
+    ae._servers.append(server)  # where server.shutdown() and ae.shutdown() look for it
+
+
+def serving(server: ThreadedAssociationServer | None) -> bool:
+    """True while `server` (started by `serve_in_thread`) accepts associations."""
+    thread = getattr(server, "befund_thread", None)
+    return thread is not None and thread.is_alive() and server.socket.fileno() >= 0

@@ -3,7 +3,9 @@
 `worklist_routes(store)` returns Starlette routes for the page (`/`), a study's detail page
 (`/view/{study_uid}`), its key image (`/studies/{study_uid}/key-image.png`) and the CSS/JS in
 `service/static/`. The pages poll the HTTP API (`GET /studies`, `GET /studies/{uid}`) every
-2 s and build the DOM with `textContent` only; the first paint comes from a JSON data island
+2 s, and `GET /status`, whose failing checks show as an alert above the list (a node that
+cannot receive or analyse must not look like a quiet day). They build the DOM with
+`textContent` only; the first paint comes from a JSON data island
 in the page, escaped so that no value can close the script element. Patient data is shown,
 never logged.
 """
@@ -87,6 +89,7 @@ def _shell(title: str, page: str, body: str, data: Any, api: str) -> str:
  <a class="logout" href="/logout">Sign out</a>
 </header>
 <main>
+<p id="node-alert" class="node-alert" role="alert" hidden></p>
 {body}
 <noscript><p class="notice">This worklist needs JavaScript to update itself.</p></noscript>
 </main>

@@ -85,7 +85,8 @@ class RunningNode:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 90.0) -> RunningNode:
+    def start(self, timeout: float = 90.0, until: str = "/readyz") -> RunningNode:
+        """Start and wait until `until` answers 200 (`/livez` for a node that must not be ready)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
@@ -97,17 +98,17 @@ class RunningNode:
             start_new_session=True)
         self._log = log
         try:
-            poll(self._ready, timeout, 0.25, "node ready")
+            poll(lambda: self._answers(until), timeout, 0.25, f"node answering {until}")
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _ready(self) -> bool:
+    def _answers(self, probe: str) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.url}{probe}", timeout=2) as r:
                 if r.status != 200:
                     return False
         except (urllib.error.URLError, OSError):
@@ -137,7 +138,7 @@ class RunningNode:
             self._log = None
 
     def __enter__(self) -> RunningNode:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -123,6 +123,8 @@ def test_login_then_positive_above_negative_not_analysed_reason_and_escaped_name
     assert page.evaluate(f"""() => {{
         const i = document.querySelector('tr[data-study-uid="{uid["positive"]}"] img');
         return !!i && i.complete && i.naturalWidth > 0; }}""")
+    status = page.request.get(node.url + "/status").json()  # the page's cookie is enough
+    assert status["ready"] is True and all(c["ok"] for c in status["checks"])
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
 
@@ -154,3 +156,30 @@ def test_detail_view_of_the_positive_study(page, studied_node):
     page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
     page.click("a.logout")
     page.wait_for_selector("#token")
+
+
+def test_a_node_that_refuses_instances_says_so_to_probes_api_and_radiologists(page, tmp_path):
+    """Spool below its watermark: every C-STORE is refused, so the node is not ready, says why
+    on /readyz, GET /status and above the worklist, and stays alive (a restart would not help)."""
+    with RunningNode(tmp_path / "node", min_free_bytes=1 << 62).start(until="/livez") as node:
+        assert node.api("/readyz", token=None)[0] == 503
+        assert node.api("/livez", token=None)[0] == 200
+        assert node.api("/status", token=None)[0] == 401
+        code, status = node.api("/status")
+        assert code == 503 and status["ready"] is False and status["alive"] is True
+        failing = {c["name"]: c["detail"] for c in status["checks"] if not c["ok"]}
+        assert list(failing) == ["spool"] and "new instances are refused" in failing["spool"]
+        _, metrics = node.api("/metrics", token=None)
+        lines = metrics.splitlines()
+        assert "befund_node_ready 0.0" in lines  # one value for the node, not one per process
+        assert 'befund_node_check_ok{check="spool"} 0.0' in lines
+        assert 'befund_node_check_ok{check="dicom"} 1.0' in lines
+        page.goto(node.url + "/")
+        page.fill("#token", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_url(node.url + "/")
+        alert = page.wait_for_selector("#node-alert", state="visible", timeout=10_000)
+        text = alert.inner_text()
+        assert "not ready" in text and "spool" in text and "refused" in text
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "worklist-node-not-ready.png"), full_page=True)

@@ -270,7 +270,34 @@
     live.className = "live " + (ok ? "ok" : "down");
   }
 
+  // A node that cannot receive or analyse says so above the list: silence must not read as
+  // "no findings". The alert lists each failing check of GET /status.
+  async function pollStatus() {
+    const alert = document.getElementById("node-alert");
+    if (!alert) return;
+    let text = "";
+    try {
+      const res = await fetch("/status", {credentials: "same-origin", cache: "no-store",
+        headers: {"Accept": "application/json", "X-Requested-With": "fetch"}});
+      if (res.status === 200 || res.status === 503) {
+        const st = await res.json();
+        const bad = (st.checks || []).filter((c) => !c.ok);
+        if (!st.ready) {
+          text = "This node is not ready; studies sent now may not be analysed. " +
+            bad.map((c) => c.name + ": " + c.detail).join("; ");
+        }
+      } else if (res.status !== 401) {
+        text = "The node's status cannot be read (HTTP " + res.status + ").";
+      }
+    } catch (err) {
+      text = "The node cannot be reached; the list below may be out of date.";
+    }
+    alert.textContent = text;
+    alert.hidden = text === "";
+  }
+
   async function poll() {
+    pollStatus();
     try {
       const res = await fetch(api, {credentials: "same-origin", cache: "no-store",
         headers: {"Accept": "application/json", "X-Requested-With": "fetch"}});
