@@ -142,8 +142,9 @@ class Node:
         checks = node_checks(self)
         now_failing = failing(checks)
         if now_failing != self._last_failing:
-            if now_failing:
-                log.warning("node not ready: %s", now_failing)
+            if now_failing:  # while starting (no job runner yet) this is expected: info only
+                log.log(logging.INFO if self.runner is None else logging.WARNING,
+                        "node not ready: %s", now_failing)
             elif self._last_failing:
                 log.info("node ready again")
             self._last_failing = now_failing

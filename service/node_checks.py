@@ -52,7 +52,7 @@ def status(checks: list[Check]) -> dict[str, Any]:
 
 
 def failing(checks: list[Check]) -> str:
-    """One line naming what fails, for the log and the 503 answer."""
+    """One line naming what fails, for the log."""
     return "; ".join(f"{c.name}: {c.detail}" for c in checks if not c.ok)
 
 
