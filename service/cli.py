@@ -4,6 +4,7 @@
     befund phantom ct --out DIR --finding subdural --slices 40 --seed 1 [--transfer-syntax rle]
     befund phantom wsi --out DIR --width 8192 --height 6144 --tumor 0.2 --seed 1
     befund send DIR --to BEFUND@127.0.0.1:11112
+    befund status [--config befund.yaml]   (exit 0 ready, 1 not ready, 2 no answer)
 """
 
 from __future__ import annotations
@@ -64,6 +65,42 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if not failed else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask the running node's `GET /status` with the token from its config or var dir; print
+    each check. For a shell or a systemd health check on the node's own machine."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from service.config import load_config
+
+    if args.config:
+        os.environ["BEFUND_CONFIG"] = str(Path(args.config).resolve())
+    config = load_config()
+    token_file = config.var_path / "token"
+    token = config.token or (token_file.read_text().strip() if token_file.exists() else "")
+    url = (args.url or f"http://127.0.0.1:{config.http_port}").rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--url must be an http:// or https:// address, not {url}")
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+        f"{url}/status", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310 - checked above
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code != 503:
+            print(f"befund: {url}/status answered {e.code}", file=sys.stderr)
+            return 2
+        body = json.loads(e.read())
+    except (urllib.error.URLError, OSError) as e:
+        print(f"befund: no answer from {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 2
+    for check in body["checks"]:
+        print(f"{'ok  ' if check['ok'] else 'FAIL'}  {check['name']:<10}  {check['detail']}")
+    print("ready" if body["ready"] else "NOT READY" + ("" if body["alive"] else " (and not alive)"))
+    return 0 if body["ready"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="befund", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("--calling-ae", default="BEFUNDSCU")
     snd.add_argument("--quiet", action="store_true")
     snd.set_defaults(func=cmd_send)
+
+    st = sub.add_parser("status", help="print the running node's checks (exit 1 when not ready)")
+    st.add_argument("--config", help="YAML config (default: befund.yaml if present)")
+    st.add_argument("--url", help="the node's HTTP address (default: http://127.0.0.1:<http_port>)")
+    st.set_defaults(func=cmd_status)
     return p
 
 

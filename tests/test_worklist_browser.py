@@ -10,6 +10,7 @@ tests/artifacts/ (gitignored).
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -17,7 +18,7 @@ import pytest
 
 from phantoms.ct_head import write_ct_series
 from tests.dicom_peers import have_dcmtk, run_storescu
-from tests.node_harness import TOKEN, RunningNode
+from tests.node_harness import BEFUND, TOKEN, RunningNode
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -169,6 +170,10 @@ def test_a_node_that_refuses_instances_says_so_to_probes_api_and_radiologists(pa
         assert code == 503 and status["ready"] is False and status["alive"] is True
         failing = {c["name"]: c["detail"] for c in status["checks"] if not c["ok"]}
         assert list(failing) == ["spool"] and "new instances are refused" in failing["spool"]
+        cli = subprocess.run([str(BEFUND), "status", "--config", str(node.config_path)],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 1, cli.stderr
+        assert "FAIL  spool" in cli.stdout and "NOT READY" in cli.stdout
         _, metrics = node.api("/metrics", token=None)
         lines = metrics.splitlines()
         assert "befund_node_ready 0.0" in lines  # one value for the node, not one per process
