@@ -186,5 +186,6 @@ def test_a_node_that_refuses_instances_says_so_to_probes_api_and_radiologists(pa
         alert = page.wait_for_selector("#node-alert", state="visible", timeout=10_000)
         text = alert.inner_text()
         assert "not ready" in text and "spool" in text and "refused" in text
+        assert page.inner_text("#empty") == "No studies yet."  # not "appear as the PACS sends them"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "worklist-node-not-ready.png"), full_page=True)

@@ -294,6 +294,11 @@
     }
     alert.textContent = text;
     alert.hidden = text === "";
+    const empty = document.getElementById("empty");  // "studies appear here" is untrue then
+    if (empty) {
+      empty.dataset.text = empty.dataset.text || empty.textContent;
+      empty.textContent = text ? "No studies yet." : empty.dataset.text;
+    }
   }
 
   async function poll() {
