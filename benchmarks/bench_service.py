@@ -16,11 +16,30 @@ import numpy as np
 
 from pipelines.ct_preprocess import preprocess_ct
 from pipelines.ct_series import load_ct_series
+from pipelines.model_card import ModelCard, usable_cards
 from service.config import load_config
 from service.model_service import ModelService
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.shared_client import SharedInferClient
-from service.shared_tensors import SharedBuffer
+from service.shared_tensors import SharedBuffer, SharedTensor
+
+
+def _card(model_key: str) -> ModelCard:
+    cards, _ = usable_cards(load_config().models_dir)
+    return next(c for c in cards if c.key == model_key)
+
+
+async def _two_in_flight(call: Callable[[SharedTensor], Awaitable[list[np.ndarray]]],
+                         refs: list[SharedTensor]) -> list[np.ndarray]:
+    """Each tensor's output, with two calls in flight, as two studies (or one caller that
+    sends ahead) make them: one call's round trip overlaps the other's model run."""
+    slots = asyncio.Semaphore(2)
+
+    async def one(ref: SharedTensor) -> np.ndarray:
+        async with slots:
+            return (await call(ref))[0]
+
+    return list(await asyncio.gather(*(one(r) for r in refs)))
 
 
 @bentoml.service(name="befund_bench", workers=1, traffic={"timeout": 1800})
@@ -39,10 +58,7 @@ class Bench:
         the same with two calls in flight. shared_copied_in: each batch is copied into
         the caller's one reusable staging region first. pickled: the batch in the HTTP body.
         """
-        from pipelines.model_card import usable_cards
-
-        cards, _ = usable_cards(load_config().models_dir)
-        card = next(c for c in cards if c.key == model_key)
+        card = _card(model_key)
         tensor = preprocess_ct(load_ct_series(paths, card.preprocessing).hu, card.preprocessing)
         batches = [tensor[i:i + batch] for i in range(0, len(tensor), batch)]
         raw = Predictor(card, build_session(card, provider, default_threads(reserved=0)))
@@ -67,24 +83,10 @@ class Bench:
             return [(await direct.infer([r]))[0] for r in refs]
 
         async def shared_direct_two_in_flight() -> list[np.ndarray]:
-            slots = asyncio.Semaphore(2)
-
-            async def one(ref) -> np.ndarray:
-                async with slots:
-                    return (await direct.infer([ref]))[0]
-
-            return list(await asyncio.gather(*(one(r) for r in refs)))
+            return await _two_in_flight(lambda r: direct.infer([r]), refs)
 
         async def shared_two_in_flight() -> list[np.ndarray]:
-            # two calls in flight, as two studies (or one caller that sends ahead) make them:
-            # one call's HTTP round trip overlaps the other's model run
-            slots = asyncio.Semaphore(2)
-
-            async def one(ref) -> np.ndarray:
-                async with slots:
-                    return (await client.infer_shared(tensors=[ref]))[0]
-
-            return list(await asyncio.gather(*(one(r) for r in refs)))
+            return await _two_in_flight(lambda r: client.infer_shared(tensors=[r]), refs)
 
         async def shared_copied_in() -> list[np.ndarray]:
             outs = []
@@ -133,10 +135,7 @@ class Bench:
     async def call_overhead(self, model_key: str, repeat: int, provider: str = "cpu") -> dict:
         """Median milliseconds of one call for a 1-row tensor, service minus raw: the fixed
         cost of a call, which the model time of a batch has to dwarf."""
-        from pipelines.model_card import usable_cards
-
-        cards, _ = usable_cards(load_config().models_dir)
-        card = next(c for c in cards if c.key == model_key)
+        card = _card(model_key)
         shape = (1, *[d if d > 0 else 1 for d in card.input.shape[1:]])
         raw = Predictor(card, build_session(card, provider, default_threads(reserved=0)))
         buf = SharedBuffer(int(np.prod(shape)) * 4)

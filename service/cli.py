@@ -13,16 +13,25 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.config import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace) -> Config:
+    """The config `--config` names (else befund.yaml if present), with environment overrides."""
     from service.config import load_config
 
     if args.config:
         os.environ["BEFUND_CONFIG"] = str(Path(args.config).resolve())
-    config = load_config()  # fail here, with the message, not inside a worker
+    return load_config()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)  # fail here, with the message, not inside a worker
     # Workers may start elsewhere: hand them absolute paths.
     os.environ["BEFUND_VAR_DIR"] = str(Path(config.var_dir).resolve())
     os.environ["BEFUND_MODELS_DIR"] = str(Path(config.models_dir).resolve())
@@ -72,13 +81,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from service.config import load_config
-
-    if args.config:
-        os.environ["BEFUND_CONFIG"] = str(Path(args.config).resolve())
-    config = load_config()
-    token_file = config.var_path / "token"
-    token = config.token or (token_file.read_text().strip() if token_file.exists() else "")
+    config = _config(args)
+    token = config.stored_token()
     url = (args.url or f"http://127.0.0.1:{config.http_port}").rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--url must be an http:// or https:// address, not {url}")

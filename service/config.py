@@ -126,6 +126,16 @@ class Config:
         return Path(self.var_dir)
 
     @property
+    def token_path(self) -> Path:
+        return self.var_path / "token"
+
+    def stored_token(self) -> str:
+        """The HTTP API token: this config's, else the one kept in var_dir/token ("" if none yet)."""
+        if self.token:
+            return self.token
+        return self.token_path.read_text().strip() if self.token_path.exists() else ""
+
+    @property
     def spool_path(self) -> Path:
         return self.var_path / "spool"
 

@@ -85,9 +85,7 @@ def _parse(data: bytes, whole: bool) -> tuple[dict[str, object], str]:
             raise _NotPlain  # out of order, repeated, or an item where an element belongs
         last = tag
         if length == UNDEFINED:
-            if explicit and vr != b"SQ":
-                raise _NotPlain  # UN of undefined length: implicit VR inside, leave it to pydicom
-            pos = _skip_sequence(data, pos, explicit, 1)
+            pos = _skip_sequence(data, pos, explicit, vr, 1)
             continue
         if pos + length > end:
             raise _NotPlain  # runs past what was read (or past the end of the file)
@@ -121,9 +119,7 @@ def _element(data: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, in
     """(tag, VR or b"", value length, position of the value)."""
     group, elem = struct.unpack_from("<HH", data, pos)
     tag = group << 16 | elem
-    if group == 0xFFFE:  # items and delimiters have no VR in any transfer syntax
-        return tag, b"", struct.unpack_from("<L", data, pos + 4)[0], pos + 8
-    if not explicit:
+    if group == 0xFFFE or not explicit:  # items and delimiters have no VR in any syntax
         return tag, b"", struct.unpack_from("<L", data, pos + 4)[0], pos + 8
     vr = data[pos + 4:pos + 6]
     if vr not in KNOWN_VRS:
@@ -133,10 +129,12 @@ def _element(data: bytes, pos: int, explicit: bool) -> tuple[int, bytes, int, in
     return tag, vr, struct.unpack_from("<H", data, pos + 6)[0], pos + 8
 
 
-def _skip_sequence(data: bytes, pos: int, explicit: bool, depth: int) -> int:
+def _skip_sequence(data: bytes, pos: int, explicit: bool, vr: bytes, depth: int) -> int:
     """Position after the sequence delimiter of an undefined-length sequence starting at `pos`."""
     if depth > MAX_DEPTH:
         raise _NotPlain
+    if explicit and vr != b"SQ":
+        raise _NotPlain  # UN of undefined length: implicit VR inside, leave it to pydicom
     while True:
         tag, _, length, pos = _element(data, pos, explicit)
         if tag == SEQUENCE_END:
@@ -153,9 +151,7 @@ def _skip_sequence(data: bytes, pos: int, explicit: bool, depth: int) -> int:
             if tag == ITEM_END:
                 break
             if length == UNDEFINED:
-                if explicit and vr != b"SQ":
-                    raise _NotPlain
-                pos = _skip_sequence(data, pos, explicit, depth + 1)
+                pos = _skip_sequence(data, pos, explicit, vr, depth + 1)
             elif pos + length > len(data):
                 raise _NotPlain
             else:

@@ -40,11 +40,10 @@ def current_node() -> Node:
 
 def load_or_create_token(config: Config) -> str:
     """The HTTP API token: from config, else generated once and kept in var/token (0600)."""
-    if config.token:
-        return config.token
-    path = config.var_path / "token"
-    if path.exists():
-        return path.read_text().strip()
+    token = config.stored_token()
+    if token:
+        return token
+    path = config.token_path
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -164,14 +164,9 @@ def _recv_exact(self, nr_bytes: int) -> bytearray:
         got = min(nr_bytes, len(pushback))
         view[:got] = pushback[:got]
         setattr(self, PUSHBACK_ATTR, pushback[got:])
-    while got < nr_bytes:
-        n = sock.recv_into(view[got:], nr_bytes - got)
-        if not n:
-            del view
-            return buf[:got]
-        got += n
+    got += _recv_into(sock, view[got:])
     del view
-    return buf
+    return buf if got == nr_bytes else buf[:got]
 
 
 class _InlineStoreQueue(queue.Queue):

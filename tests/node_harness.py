@@ -171,6 +171,11 @@ class RunningNode:
         except ValueError:
             return status, raw.decode(errors="replace")
 
+    def befund_status(self) -> subprocess.CompletedProcess:
+        """`befund status` for this node, as its operator runs it (token from the config)."""
+        return subprocess.run([str(BEFUND), "status", "--config", str(self.config_path)],
+                              capture_output=True, text=True, timeout=60)
+
     def study(self, study_uid: str) -> dict | None:
         status, body = self.api(f"/studies/{study_uid}")
         return body if status == 200 else None

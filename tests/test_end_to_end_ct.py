@@ -5,7 +5,6 @@ One node and one PACS serve this module; each test uses its own phantom study (o
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -15,7 +14,7 @@ import pytest
 from phantoms.ct_head import write_ct_series
 from pipelines.sr_reading import read_result_sr
 from tests.dicom_peers import StoreSCP, have_dcmtk, run_echoscu, run_storescu
-from tests.node_harness import BEFUND, RunningNode, poll
+from tests.node_harness import RunningNode, poll
 from tests.pacs_results import ANY_OBJECT_ARGS, results_for_study
 from tests.validators import dciodvfy_errors, dsrdump_ok
 
@@ -122,8 +121,7 @@ def test_api_needs_the_token_but_health_and_metrics_do_not(node, pacs, tmp_path)
     assert node.api("/studies", token="wrong")[0] == 401
     assert node.api("/studies")[0] == 200
     assert node.api("/healthz", token=None)[0] == 200
-    cli = subprocess.run([str(BEFUND), "status", "--config", str(node.config_path)],
-                         capture_output=True, text=True, timeout=60)
+    cli = node.befund_status()
     assert cli.returncode == 0 and cli.stdout.splitlines()[-1] == "ready", cli.stdout + cli.stderr
     assert "ok    dicom" in cli.stdout and "FAIL" not in cli.stdout
     status, text = poll(lambda: (lambda r: r if "befund_time_to_result_seconds" in r[1] else None)(

@@ -10,7 +10,6 @@ tests/artifacts/ (gitignored).
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -18,7 +17,7 @@ import pytest
 
 from phantoms.ct_head import write_ct_series
 from tests.dicom_peers import have_dcmtk, run_storescu
-from tests.node_harness import BEFUND, TOKEN, RunningNode
+from tests.node_harness import TOKEN, RunningNode
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -77,12 +76,13 @@ def page(browser):
     context.close()
 
 
-def login(page, base: str) -> None:
+def login(page, base: str, wait_for_rows: bool = True) -> None:
     page.goto(base + "/")
     page.fill("#token", TOKEN)
     page.click("button[type=submit]")
     page.wait_for_url(base + "/")
-    page.wait_for_selector("#rows tr")
+    if wait_for_rows:
+        page.wait_for_selector("#rows tr")
 
 
 def row(page, uid: str):
@@ -170,8 +170,7 @@ def test_a_node_that_refuses_instances_says_so_to_probes_api_and_radiologists(pa
         assert code == 503 and status["ready"] is False and status["alive"] is True
         failing = {c["name"]: c["detail"] for c in status["checks"] if not c["ok"]}
         assert list(failing) == ["spool"] and "new instances are refused" in failing["spool"]
-        cli = subprocess.run([str(BEFUND), "status", "--config", str(node.config_path)],
-                             capture_output=True, text=True, timeout=60)
+        cli = node.befund_status()
         assert cli.returncode == 1, cli.stderr
         assert "FAIL  spool" in cli.stdout and "NOT READY" in cli.stdout
         _, metrics = node.api("/metrics", token=None)
@@ -179,10 +178,7 @@ def test_a_node_that_refuses_instances_says_so_to_probes_api_and_radiologists(pa
         assert "befund_node_ready 0.0" in lines  # one value for the node, not one per process
         assert 'befund_node_check_ok{check="spool"} 0.0' in lines
         assert 'befund_node_check_ok{check="dicom"} 1.0' in lines
-        page.goto(node.url + "/")
-        page.fill("#token", TOKEN)
-        page.click("button[type=submit]")
-        page.wait_for_url(node.url + "/")
+        login(page, node.url, wait_for_rows=False)
         alert = page.wait_for_selector("#node-alert", state="visible", timeout=10_000)
         text = alert.inner_text()
         assert "not ready" in text and "spool" in text and "refused" in text
