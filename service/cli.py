@@ -36,6 +36,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Workers may start elsewhere: hand them absolute paths.
     os.environ["BEFUND_VAR_DIR"] = str(Path(config.var_dir).resolve())
     os.environ["BEFUND_MODELS_DIR"] = str(Path(config.models_dir).resolve())
+    # A BentoML home per node: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
+    # when it starts, so two nodes on one machine sharing ~/bentoml erased each other's
+    # metrics, and each node's /metrics showed the other's (raw paths of an older node included).
+    os.environ.setdefault("BENTOML_HOME", os.environ["BEFUND_VAR_DIR"] + "/bentoml")
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.gateway:Gateway",
            "--port", str(config.http_port), "--host", args.host,
            "--working-dir", str(PROJECT_ROOT)]
