@@ -168,12 +168,15 @@ class TokenAuth:
             log.warning("http: wrong token from %s by %s (%d of %d allowed per minute)",
                         address, how, count, self.throttle.limit)
 
-    async def _throttled(self, scope: Scope, send: Send, headers: dict[str, str], page: bool) -> bool:
+    async def _throttled(self, scope: Scope, send: Send, page: bool) -> bool:
         """Answer 429 (and return True) while the client's address is over its failure limit."""
         wait = self.throttle.retry_after(_client(scope))
         if not wait:
             return False
         metrics.HTTP_REFUSED.labels("throttled").inc()
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return True
         message = f"Too many wrong tokens from this address; try again in {wait} s."
         if page:
             await _login_page(send, 429, "/", message, {"retry-after": str(wait)})
@@ -203,7 +206,7 @@ class TokenAuth:
             return
         scheme, _, credential = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
-            if await self._throttled(scope, send, headers, page=False):
+            if await self._throttled(scope, send, page=False):
                 return
             if self._matches(credential.strip()):
                 await self.app(scope, receive, send)  # a script: no cookie, no cross-site risk
@@ -253,7 +256,7 @@ class TokenAuth:
         if same_origin(headers) is False:  # a browser on another site; none at all: curl, tests
             await self._same_origin(scope, send, headers)
             return
-        if await self._throttled(scope, send, headers, page=True):
+        if await self._throttled(scope, send, page=True):
             return
         form = parse_qs((await _read_body(receive, MAX_FORM_BYTES)).decode("utf-8", "replace"),
                         max_num_fields=8)
