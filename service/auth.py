@@ -1,10 +1,21 @@
 """The token gate in front of the node's HTTP API and worklist page.
 
-An ASGI middleware: a request passes with `Authorization: Bearer <token>` or the cookie
-`befund_token` set by the login form. Browsers without either are sent to `/login`; API
-clients get 401 JSON. Health, metrics, static assets and the login page stay open.
-Tokens are compared in constant time. The middleware serves `/login` and `/logout` itself,
-so wiring it needs one line and no extra routes.
+An ASGI middleware. A request passes with `Authorization: Bearer <token>` (scripts, `befund
+status`) or with the session cookie `befund_session` that the login form sets (browsers).
+The cookie holds a random session value (service/sessions.py), never the token; `/logout`
+ends the session. Browsers without either are sent to `/login`; API clients get 401 JSON.
+Health, metrics, static assets and the login page stay open. The middleware serves `/login`
+and `/logout` itself, so wiring it needs one line and no extra routes.
+
+What it defends, each with a log line under `befund.http`:
+- guessing: wrong tokens (login form or bearer) are counted per client address; at
+  `http_auth_failures_per_minute` the address gets 429 with Retry-After until its oldest
+  failure is a minute old (service/login_throttle.py). Tokens are compared in constant time.
+- cross-site requests: a state-changing request (POST, PUT, PATCH, DELETE) authenticated by
+  the cookie must carry an Origin (or Referer) of this node, or it gets 403; SameSite=Strict
+  alone lets a page of another port on the same host through. Bearer clients are scripts: a
+  browser cannot attach that header cross-site without a CORS preflight, which nothing allows.
+- redirects: `next=` is followed only to a same-site path of printable ASCII, else to `/`.
 """
 
 from __future__ import annotations
@@ -12,9 +23,17 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import logging
+import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from service import metrics
+from service.logging_setup import printable
+from service.login_throttle import FailureThrottle
+from service.sessions import SessionTable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -22,10 +41,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-COOKIE = "befund_token"
+log = logging.getLogger("befund.http")
+
+COOKIE = "befund_session"
 OPEN_PATHS = ("/healthz", "/readyz", "/livez", "/metrics", "/login", "/static/")
 MAX_FORM_BYTES = 8192
-COOKIE_MAX_AGE_S = 12 * 3600  # one shift
+SESSION_S = 12 * 3600.0  # one shift
+MAX_SESSIONS = 1000
+FAILURES_PER_MINUTE = 10
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_NEXT_RE = re.compile(r"/(?![/\\])[\x21-\x7e]*")  # a path on this site, printable ASCII only
 
 _LOGIN_CSP = ("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
               "frame-ancestors 'none'; base-uri 'none'")
@@ -62,8 +87,9 @@ _LOGIN_PAGE = """<!doctype html>
 
 
 def _safe_next(target: str) -> str:
-    """Only same-site paths: `/view/1.2.3` yes, `//evil.example` or `https://...` no."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Only same-site paths of printable ASCII: `/view/1.2.3` yes; `//evil.example`,
+    `https://...`, a backslash, CR/LF or non-ASCII (which no header may carry) give `/`."""
+    if not _NEXT_RE.fullmatch(target or "") or "\\" in target:
         return "/"
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
@@ -75,15 +101,50 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
 
 
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "-"
+
+
+def _host_port(netloc: str, scheme: str) -> tuple[str, int | None] | None:
+    try:
+        parts = urlsplit(f"//{netloc}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return parts.hostname.lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def same_origin(headers: dict[str, str]) -> bool | None:
+    """Does the request's Origin (else Referer) name this node, as the browser reached it (the
+    Host header)? None when the request carries neither (not a browser, or a very old one)."""
+    source = headers.get("origin") or headers.get("referer")
+    if not source:
+        return None
+    parts = urlsplit(source) if source != "null" else None
+    if parts is None or parts.scheme not in ("http", "https"):
+        return False
+    origin = _host_port(parts.netloc, parts.scheme)
+    return origin is not None and origin == _host_port(headers.get("host", ""), parts.scheme)
+
+
 class TokenAuth:
     """ASGI middleware: `TokenAuth(app, token)`; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, token: str, open_paths: Iterable[str] = OPEN_PATHS) -> None:
+    def __init__(self, app: ASGIApp, token: str, open_paths: Iterable[str] = OPEN_PATHS, *,
+                 failures_per_minute: int = FAILURES_PER_MINUTE, session_s: float = SESSION_S,
+                 max_sessions: int = MAX_SESSIONS, secure_cookie: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not token:
             raise ValueError("TokenAuth needs the node's access token (see var/token)")
         self.app = app
         self._token = token.encode("utf-8")
         self.open_paths = tuple(open_paths)
+        self.sessions = SessionTable(session_s, max_sessions, clock)
+        self.throttle = FailureThrottle(failures_per_minute, 60.0, clock=clock)
+        self.secure_cookie = secure_cookie
 
     # --- decisions -----------------------------------------------------------------------------
 
@@ -91,13 +152,40 @@ class TokenAuth:
         return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.open_paths)
 
     def _matches(self, candidate: str | None) -> bool:
-        return bool(candidate) and hmac.compare_digest(candidate.encode("utf-8"), self._token)
+        return bool(candidate) and hmac.compare_digest(
+            candidate.encode("utf-8", "surrogatepass"), self._token)
 
-    def is_authorised(self, headers: dict[str, str]) -> bool:
-        scheme, _, credential = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and self._matches(credential.strip()):
+    def _failed(self, scope: Scope, how: str) -> None:
+        """A wrong token: count it against the client's address, say so in the log."""
+        address = _client(scope)
+        count = self.throttle.failed(address)
+        metrics.HTTP_REFUSED.labels("wrong_token").inc()
+        if count >= self.throttle.limit:
+            log.warning("http: %d wrong tokens from %s within %.0f s (last by %s); its tokens and "
+                        "logins are refused with 429 for %d s", count, address,
+                        self.throttle.window_s, how, self.throttle.retry_after(address))
+        else:
+            log.warning("http: wrong token from %s by %s (%d of %d allowed per minute)",
+                        address, how, count, self.throttle.limit)
+
+    async def _throttled(self, scope: Scope, send: Send, page: bool) -> bool:
+        """Answer 429 (and return True) while the client's address is over its failure limit."""
+        wait = self.throttle.retry_after(_client(scope))
+        if not wait:
+            return False
+        metrics.HTTP_REFUSED.labels("throttled").inc()
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
             return True
-        return self._matches(_cookie(headers.get("cookie", "")))
+        message = f"Too many wrong tokens from this address; try again in {wait} s."
+        if page:
+            await _login_page(send, 429, "/", message, {"retry-after": str(wait)})
+        else:
+            body = json.dumps({"error": "too many wrong tokens from this address",
+                               "retry_after_s": wait}).encode()
+            await _respond(send, 429, body, {"content-type": "application/json",
+                                             "retry-after": str(wait), "cache-control": "no-store"})
+        return True
 
     # --- ASGI ----------------------------------------------------------------------------------
 
@@ -111,10 +199,22 @@ class TokenAuth:
             await self._login(scope, receive, send, headers)
             return
         if scope["type"] == "http" and path == "/logout":
-            await _respond(send, 303, b"", {"location": "/login", "set-cookie": _clear_cookie()})
+            await self._logout(scope, send, headers)
             return
-        if self.is_open(path) or self.is_authorised(headers):
+        if self.is_open(path):
             await self.app(scope, receive, send)
+            return
+        scheme, _, credential = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            if await self._throttled(scope, send, page=False):
+                return
+            if self._matches(credential.strip()):
+                await self.app(scope, receive, send)  # a script: no cookie, no cross-site risk
+                return
+            self._failed(scope, "bearer token")
+        elif self.sessions.valid(_cookie(headers.get("cookie", ""))):
+            if scope.get("method", "GET") in SAFE_METHODS or await self._same_origin(scope, send, headers):
+                await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
@@ -126,8 +226,23 @@ class TokenAuth:
             return
         body = json.dumps({"error": "unauthorised",
                            "detail": "send Authorization: Bearer <token> (the node's token)"}).encode()
-        await _respond(send, 401, body, {"content-type": "application/json",
+        await _respond(send, 401, body, {"content-type": "application/json", "cache-control": "no-store",
                                          "www-authenticate": 'Bearer realm="befund"'})
+
+    async def _same_origin(self, scope: Scope, send: Send, headers: dict[str, str]) -> bool:
+        """A cookie-borne state change must come from this node's own pages; else 403."""
+        if same_origin(headers):
+            return True
+        metrics.HTTP_REFUSED.labels("cross_origin").inc()
+        source = headers.get("origin") or headers.get("referer") or "none"
+        log.warning("http: refused %s %s from %s: Origin/Referer %s is not this node's",
+                    scope.get("method"), printable(scope.get("path", ""), 80), _client(scope),
+                    printable(source, 80))
+        body = json.dumps({"error": "cross-origin request refused",
+                           "detail": "a signed-in browser may change state only from this node's "
+                                     "own pages (Origin); scripts send Authorization: Bearer"}).encode()
+        await _respond(send, 403, body, {"content-type": "application/json", "cache-control": "no-store"})
+        return False
 
     async def _login(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         method = scope.get("method", "GET")
@@ -138,19 +253,39 @@ class TokenAuth:
         if method != "POST":
             await _respond(send, 405, b"", {"allow": "GET, POST"})
             return
-        form = parse_qs((await _read_body(receive, MAX_FORM_BYTES)).decode("utf-8", "replace"))
+        if same_origin(headers) is False:  # a browser on another site; none at all: curl, tests
+            await self._same_origin(scope, send, headers)
+            return
+        if await self._throttled(scope, send, page=True):
+            return
+        form = parse_qs((await _read_body(receive, MAX_FORM_BYTES)).decode("utf-8", "replace"),
+                        max_num_fields=8)
         target = _safe_next((form.get("next") or ["/"])[0])
         if not self._matches((form.get("token") or [""])[0].strip()):
+            self._failed(scope, "login form")
             await _login_page(send, 401, target, "That token is not this node's access token.")
             return
-        secure = "; Secure" if scope.get("scheme") == "https" else ""
-        value = quote(self._token.decode("utf-8"), safe="")
-        cookie = f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_S}{secure}"
-        await _respond(send, 303, b"", {"location": target, "set-cookie": cookie})
+        session = self.sessions.create()
+        log.info("http: login from %s; %d session(s) open", _client(scope), len(self.sessions))
+        secure = "; Secure" if self.secure_cookie or scope.get("scheme") == "https" else ""
+        cookie = (f"{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; "
+                  f"Max-Age={int(self.sessions.lifetime_s)}{secure}")
+        await _respond(send, 303, b"", {"location": target, "set-cookie": cookie,
+                                        "cache-control": "no-store"})
+
+    async def _logout(self, scope: Scope, send: Send, headers: dict[str, str]) -> None:
+        """GET (the page's link) or POST: end the session and clear the cookie. A cross-site
+        GET carries no SameSite=Strict cookie, so only the node's own pages can sign out."""
+        if scope.get("method") not in SAFE_METHODS and not await self._same_origin(scope, send, headers):
+            return
+        if self.sessions.end(_cookie(headers.get("cookie", ""))):
+            log.info("http: logout from %s", _client(scope))
+        await _respond(send, 303, b"", {"location": "/login", "set-cookie": _clear_cookie(),
+                                        "cache-control": "no-store"})
 
 
 def _cookie(header: str) -> str | None:
-    """The `befund_token` cookie's value; other cookies (however malformed) are ignored."""
+    """The session cookie's value; other cookies (however malformed) are ignored."""
     for pair in header.split(";"):
         name, sep, value = pair.strip().partition("=")
         if sep and name == COOKIE:
@@ -178,12 +313,13 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return body
 
 
-async def _login_page(send: Send, status: int, target: str, error: str = "") -> None:
+async def _login_page(send: Send, status: int, target: str, error: str = "",
+                      extra: dict[str, str] | None = None) -> None:
     alert = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
     page = _LOGIN_PAGE.format(next=html.escape(target, quote=True), error=alert)
     await _respond(send, status, page.encode("utf-8"), {
         "content-type": "text/html; charset=utf-8", "content-security-policy": _LOGIN_CSP,
-        "cache-control": "no-store", "x-frame-options": "DENY"})
+        "cache-control": "no-store", "x-frame-options": "DENY", **(extra or {})})
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,11 +36,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Workers may start elsewhere: hand them absolute paths.
     os.environ["BEFUND_VAR_DIR"] = str(Path(config.var_dir).resolve())
     os.environ["BEFUND_MODELS_DIR"] = str(Path(config.models_dir).resolve())
+    # A BentoML home per node: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
+    # when it starts, so two nodes on one machine sharing ~/bentoml erased each other's
+    # metrics, and each node's /metrics showed the other's (raw paths of an older node included).
+    os.environ.setdefault("BENTOML_HOME", os.environ["BEFUND_VAR_DIR"] + "/bentoml")
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.gateway:Gateway",
            "--port", str(config.http_port), "--host", args.host,
            "--working-dir", str(PROJECT_ROOT)]
+    if config.http_tls.enabled:  # uvicorn of the gateway's worker speaks TLS on the HTTP port
+        cmd += ["--ssl-certfile", str(Path(config.http_tls.cert).resolve()),
+                "--ssl-keyfile", str(Path(config.http_tls.key).resolve())]
+    scheme = "HTTPS" if config.http_tls.enabled else "HTTP"
     print(f"befund: DICOM {config.ae_title} on port {config.dicom_port}, "
-          f"HTTP on port {config.http_port}, state under {os.environ['BEFUND_VAR_DIR']}", flush=True)
+          f"{scheme} on port {config.http_port}, state under {os.environ['BEFUND_VAR_DIR']}", flush=True)
     os.execv(sys.executable, cmd)  # noqa: S606 - replace this process with the server
     return 0  # not reached
 
@@ -83,13 +92,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     config = _config(args)
     token = config.stored_token()
-    url = (args.url or f"http://127.0.0.1:{config.http_port}").rstrip("/")
+    scheme = "https" if config.http_tls.enabled else "http"
+    url = (args.url or f"{scheme}://127.0.0.1:{config.http_port}").rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--url must be an http:// or https:// address, not {url}")
     request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
         f"{url}/status", headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310 - checked above
+        with urllib.request.urlopen(request, timeout=10,  # noqa: S310 - checked above
+                                    context=_node_tls_context(config)) as r:
             body = json.loads(r.read())
     except urllib.error.HTTPError as e:
         if e.code != 503:
@@ -103,6 +114,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{'ok  ' if check['ok'] else 'FAIL'}  {check['name']:<10}  {check['detail']}")
     print("ready" if body["ready"] else "NOT READY" + ("" if body["alive"] else " (and not alive)"))
     return 0 if body["ready"] else 1
+
+
+def _node_tls_context(config: Config) -> ssl.SSLContext | None:
+    """With `http_tls`, trust the certificates in the node's own cert file (its leaf, whoever
+    signed it): the token goes only to a server that holds that key, addressed as 127.0.0.1
+    or by any name. Without `http_tls`, the system's trust store, for an https `--url`."""
+    if not config.http_tls.enabled:
+        return None
+    context = ssl.create_default_context(cafile=config.http_tls.cert)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the anchor
+    context.check_hostname = False  # pinned to the certificate, not to a name
+    return context
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,6 +72,18 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class HttpTlsConfig:
+    """HTTPS for the HTTP API and worklist: certificate (chain) and key, PEM. Empty: plain HTTP."""
+
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     """Outbox retry policy: exponential backoff with jitter, then dead letter."""
 
@@ -120,6 +132,13 @@ class Config:
     hl7: Hl7Config = field(default_factory=Hl7Config)
     webhooks: tuple[str, ...] = ()
     tls: TlsConfig = field(default_factory=TlsConfig)
+    http_tls: HttpTlsConfig = field(default_factory=HttpTlsConfig)
+    # HTTP limits (service/auth.py, service/http_edge.py); each is checked before the value is used.
+    http_auth_failures_per_minute: int = 10  # wrong tokens per address and minute; beyond: 429
+    http_session_hours: float = 12.0  # a browser login lasts one shift; /logout ends it sooner
+    http_max_sessions: int = 1000  # logins held at once; the oldest is dropped beyond this
+    http_max_target_bytes: int = 2048  # path and query of one request (a UID path is < 100); longer: 414
+    http_max_header_bytes: int = 16384  # all request headers together; more: 431
 
     @property
     def var_path(self) -> Path:
@@ -151,7 +170,9 @@ class Config:
         return any(rule.permits(ae_title, address) for rule in self.allow)
 
 
-_NESTED = {"delivery": DeliveryConfig, "hl7": Hl7Config, "tls": TlsConfig}
+_NESTED = {"delivery": DeliveryConfig, "hl7": Hl7Config, "tls": TlsConfig, "http_tls": HttpTlsConfig}
+
+MIN_TOKEN_CHARS = 32  # a guessed token must be hopeless even without the login rate limit
 
 ENV_PREFIX = "BEFUND_"
 
@@ -249,4 +270,25 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise ConfigError(f"ae_title {cfg.ae_title!r} is not a valid AE title (1-16 characters)")
     if cfg.inference_provider not in {"cpu", "cuda"}:
         raise ConfigError(f"inference_provider must be cpu or cuda, not {cfg.inference_provider!r}")
+    _check_http(cfg)
     return cfg
+
+
+def _check_http(cfg: Config) -> None:
+    """The HTTP side's keys: a token long enough, both TLS files or neither, positive limits."""
+    if cfg.token and len(cfg.token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"token: {len(cfg.token)} characters is too short, use at least {MIN_TOKEN_CHARS} "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'), or leave it "
+            "empty and the node generates one in var_dir/token")
+    tls = cfg.http_tls
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError("http_tls needs both cert and key (PEM files), or neither for plain HTTP")
+    for name in ("cert", "key"):
+        path = getattr(tls, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"http_tls.{name}: {path} is not a file")
+    for name in ("http_auth_failures_per_minute", "http_session_hours", "http_max_sessions",
+                 "http_max_target_bytes", "http_max_header_bytes"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be greater than 0, not {getattr(cfg, name)}")

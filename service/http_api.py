@@ -1,13 +1,21 @@
-"""The HTTP API (JSON) of the gateway. Health, readiness and metrics are BentoML's own routes;
-everything here needs the token."""
+"""The HTTP API (JSON) of the gateway. Health and readiness are BentoML's own routes;
+`/metrics` is befund's (open, like the probes); everything else needs the token.
+
+Every JSON answer says `Cache-Control: no-store`: study rows hold patient names, and neither
+a browser's disk cache nor a proxy may keep them.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.node import current_node
@@ -15,6 +23,13 @@ from service.node_checks import status
 from service.study_status import all_study_rows, study_detail
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class PatientJSON(JSONResponse):
+    """A JSON answer that no cache keeps (it may name patients)."""
+
+    def __init__(self, content: object, status_code: int = 200) -> None:
+        super().__init__(content, status_code=status_code, headers={"cache-control": "no-store"})
 
 
 def worklist_order(row: dict) -> tuple:
@@ -33,44 +48,44 @@ def _uid(request: Request) -> str | None:
     return uid if len(uid) <= 64 and UID_RE.match(uid) else None
 
 
-async def list_studies(request: Request) -> JSONResponse:
-    return JSONResponse({"studies": sorted_study_rows()})
+async def list_studies(request: Request) -> PatientJSON:
+    return PatientJSON({"studies": sorted_study_rows()})
 
 
-async def get_study(request: Request) -> JSONResponse:
+async def get_study(request: Request) -> PatientJSON:
     uid = _uid(request)
     if uid is None:
-        return JSONResponse({"error": "not a valid DICOM UID"}, status_code=400)
+        return PatientJSON({"error": "not a valid DICOM UID"}, status_code=400)
     node = current_node()
     detail = study_detail(node.db, uid, node.config.settle_s)
     if detail is None:
-        return JSONResponse({"error": f"study {uid} is not known here"}, status_code=404)
-    return JSONResponse(detail)
+        return PatientJSON({"error": f"study {uid} is not known here"}, status_code=404)
+    return PatientJSON(detail)
 
 
-async def run_study(request: Request) -> JSONResponse:
+async def run_study(request: Request) -> PatientJSON:
     uid = _uid(request)
     if uid is None:
-        return JSONResponse({"error": "not a valid DICOM UID"}, status_code=400)
+        return PatientJSON({"error": "not a valid DICOM UID"}, status_code=400)
     n = current_node().request_run(uid)
     if n == 0:
-        return JSONResponse({"error": f"study {uid} is not known here"}, status_code=404)
-    return JSONResponse({"study_uid": uid, "series": n, "state": "queued"}, status_code=202)
+        return PatientJSON({"error": f"study {uid} is not known here"}, status_code=404)
+    return PatientJSON({"study_uid": uid, "series": n, "state": "queued"}, status_code=202)
 
 
-async def resend_delivery(request: Request) -> JSONResponse:
+async def resend_delivery(request: Request) -> PatientJSON:
     try:
         delivery_id = int(request.path_params["delivery_id"])
     except ValueError:
-        return JSONResponse({"error": "delivery id must be a number"}, status_code=400)
+        return PatientJSON({"error": "delivery id must be a number"}, status_code=400)
     if not current_node().resend(delivery_id):
-        return JSONResponse({"error": f"delivery {delivery_id} not found"}, status_code=404)
-    return JSONResponse({"id": delivery_id, "state": "pending"}, status_code=202)
+        return PatientJSON({"error": f"delivery {delivery_id} not found"}, status_code=404)
+    return PatientJSON({"id": delivery_id, "state": "pending"}, status_code=202)
 
 
-async def list_models(request: Request) -> JSONResponse:
+async def list_models(request: Request) -> PatientJSON:
     node = current_node()
-    return JSONResponse({
+    return PatientJSON({
         "models": [{"key": c.key, "name": c.name, "version": c.version, "task": c.task,
                     "intended_use": c.intended_use, "validation": c.validation}
                    for c in node.cards],
@@ -78,16 +93,33 @@ async def list_models(request: Request) -> JSONResponse:
                     for folder, error in node.card_errors.items()]})
 
 
-async def node_status(request: Request) -> JSONResponse:
+async def node_status(request: Request) -> PatientJSON:
     """Ready, alive and each part's check with the reason it fails (what /readyz only counts)."""
     body = status(current_node().checks())
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    return PatientJSON(body, status_code=200 if body["ready"] else 503)
 
 
-async def answered_by_token_gate(request: Request) -> JSONResponse:
+async def answered_by_token_gate(request: Request) -> PatientJSON:
     """Never reached: the token gate (service/auth.py) answers /login and /logout itself. The
     routes exist because BentoML's mount passes a path to this app only when a route matches."""
-    return JSONResponse({"error": "not found"}, status_code=404)
+    return PatientJSON({"error": "not found"}, status_code=404)
+
+
+def _metrics_text() -> bytes:
+    """Every process's `befund_*` metrics (the model service's too) when BentoML runs them in
+    multiprocess mode, else this process's registry."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text. Labels are route templates, model keys and states, never request text or
+    UIDs; BentoML's own per-path HTTP metrics are off for the gateway (service/gateway.py)."""
+    return Response(await anyio.to_thread.run_sync(_metrics_text), media_type=CONTENT_TYPE_LATEST,
+                    headers={"cache-control": "no-store"})
 
 
 API_ROUTES = [
@@ -97,8 +129,9 @@ API_ROUTES = [
     Route("/deliveries/{delivery_id}/resend", resend_delivery, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/status", node_status, methods=["GET"]),
+    Route("/metrics", prometheus_metrics, methods=["GET"]),
     Route("/login", answered_by_token_gate, methods=["GET", "HEAD", "POST"]),
-    Route("/logout", answered_by_token_gate, methods=["GET", "HEAD"]),
+    Route("/logout", answered_by_token_gate, methods=["GET", "HEAD", "POST"]),
 ]
 
 
@@ -113,7 +146,12 @@ class _LazyTokenGate:
         if self._gate is None:
             from service.auth import TokenAuth
 
-            self._gate = TokenAuth(self.app, current_node().token)
+            node = current_node()
+            config = node.config
+            self._gate = TokenAuth(
+                self.app, node.token, failures_per_minute=config.http_auth_failures_per_minute,
+                session_s=config.http_session_hours * 3600, max_sessions=config.http_max_sessions,
+                secure_cookie=config.http_tls.enabled)
         await self._gate(scope, receive, send)
 
 

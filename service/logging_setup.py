@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from urllib.parse import quote
+
+# Kept as they are in a logged path or header: printable ASCII without space, % or backslash.
+_SAFE = "!#$&'()*+,/:;=?@[]~-._"
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """Peer-controlled text (a request path, an Origin) as one log-safe token: control, space,
+    `%` and non-ASCII characters percent-encoded (a decoded `%0a` cannot start a forged line),
+    cut after `limit` characters with the full length said."""
+    shown = quote(text[:limit], safe=_SAFE, errors="backslashreplace")
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}...({len(text)} chars)"
 
 
 def configure_logging() -> None:

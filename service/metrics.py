@@ -38,3 +38,11 @@ NODE_CHECK = Gauge("befund_node_check_ok", "1 while this part of the node works"
                    multiprocess_mode="livemax")
 SPOOL_FREE_BYTES = Gauge("befund_spool_free_bytes", "Free bytes on the spool's file system",
                          multiprocess_mode="livemax")
+# HTTP, labelled by route template (service/http_edge.py), never by the raw path: a path holds
+# UIDs and whatever a peer chose to send, and each new label value would be kept forever.
+HTTP_REQUESTS = Counter("befund_http_requests_total", "HTTP requests answered, by route template",
+                        ["route", "method", "status"])
+HTTP_SECONDS = Histogram("befund_http_request_duration_seconds", "HTTP request duration by route template",
+                         ["route"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30))
+HTTP_REFUSED = Counter("befund_http_refused_total",
+                       "HTTP requests refused by a limit or check of the token gate or the edge", ["reason"])

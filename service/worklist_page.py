@@ -33,7 +33,9 @@ PAGE_HEADERS = {
                                 "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
     "cache-control": "no-store",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # No Referer leaves the node; its own POSTs keep their Origin (with no-referrer a browser
+    # sends `Origin: null`, which the token gate's cross-site check refuses).
+    "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
 }
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from tests.dicom_peers import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 BEFUND = Path(sys.executable).parent / "befund"
-TOKEN = "test-token-not-secret"
+TOKEN = "test-token-not-secret-0123456789abcdef"  # >= 32 characters, as the config demands
 
 
 def poll(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
@@ -56,8 +57,37 @@ def stop_bentoml(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 class RunningNode:
-    def __init__(self, workdir: Path, pacs: str | None = None, **overrides: Any):
+    def __init__(self, workdir: Path, pacs: str | None = None, http_ca: str | None = None,
+                 **overrides: Any):
+        """`overrides` are config keys; with `http_tls={"cert": ..., "key": ...}` the node speaks
+        HTTPS and `http_ca` (a CA file) is what the harness trusts."""
         self.workdir = Path(workdir)
         self.var = self.workdir / "var"
         self.dicom_port = free_port()
@@ -80,10 +110,23 @@ class RunningNode:
         self.config_path = self.workdir / "befund.yaml"
         self.log_path = self.workdir / "node.log"
         self.proc: subprocess.Popen | None = None
+        self.tls = bool(self.config.get("http_tls"))
+        self.ssl_context = ssl.create_default_context(cafile=http_ca) if self.tls else None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    def gateway_pid(self) -> int:
+        """The gateway's worker process (`--service-name befund`): DICOM listener and HTTP API."""
+        for pid in descendants(self.proc.pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--service-name" in argv and argv[argv.index(b"--service-name") + 1:][:1] == [b"befund"]:
+                return pid
+        raise RuntimeError(f"no gateway worker below process {self.proc.pid}")
 
     def start(self, timeout: float = 90.0, until: str = "/readyz") -> RunningNode:
         """Start and wait until `until` answers 200 (`/livez` for a node that must not be ready)."""
@@ -108,7 +151,7 @@ class RunningNode:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(f"{self.url}{probe}", timeout=2) as r:
+            with urllib.request.urlopen(f"{self.url}{probe}", timeout=2, context=self.ssl_context) as r:
                 if r.status != 200:
                     return False
         except (urllib.error.URLError, OSError):
@@ -161,7 +204,7 @@ class RunningNode:
             req.add_header("Content-Type", "application/json")
         req.add_header("Accept", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10, context=self.ssl_context) as r:
                 raw = r.read()
                 status = r.status
         except urllib.error.HTTPError as e:
