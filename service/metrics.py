@@ -38,3 +38,6 @@ NODE_CHECK = Gauge("befund_node_check_ok", "1 while this part of the node works"
                    multiprocess_mode="livemax")
 SPOOL_FREE_BYTES = Gauge("befund_spool_free_bytes", "Free bytes on the spool's file system",
                          multiprocess_mode="livemax")
+JOB_ATTEMPT_FAILURES = Counter(
+    "befund_job_attempt_failures_total", "Job attempts that failed, by the stage they failed in",
+    ["stage"])

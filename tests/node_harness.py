@@ -57,8 +57,10 @@ def stop_bentoml(proc: subprocess.Popen) -> None:
 
 
 class RunningNode:
-    def __init__(self, workdir: Path, pacs: str | None = None, **overrides: Any):
+    def __init__(self, workdir: Path, pacs: str | None = None, env: dict[str, str] | None = None,
+                 **overrides: Any):
         self.workdir = Path(workdir)
+        self.env = dict(env or {})  # on top of the test's environment less its BEFUND_* variables
         self.var = self.workdir / "var"
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -91,6 +93,7 @@ class RunningNode:
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
         env["BEFUND_LOG_LEVEL"] = "INFO"
+        env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(BEFUND), "serve", "--config", str(self.config_path), "--host", "127.0.0.1"],
