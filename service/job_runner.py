@@ -310,12 +310,14 @@ class JobRunner:
         self._give_up(job, stage, error, job["attempts"])
 
     def _interrupted_too_often(self, job: dict[str, Any]) -> None:
-        """Every attempt ended without an outcome (the node stopped during it): give up now."""
+        """The attempts ran out, the last one ended without an outcome (the node stopped during
+        it, e.g. killed for memory in the same slide on every start): give up now."""
         stage = Stage.stored(job.get("stage"))
         attempts = job["attempts"] - 1
-        error = job["last_error"] or "the node stopped while the job was running"
-        log.error("job %s: its %s attempt(s) ended without an outcome, the last in %s; giving up",
-                  job["id"], attempts, stage.label)
+        error = "the node stopped while the job was running" + (
+            f"; an earlier attempt failed with {job['last_error']}" if job["last_error"] else "")
+        log.error("job %s: attempt %s of %s ended without an outcome (the node stopped in %s); "
+                  "giving up", job["id"], attempts, self.config.job_max_attempts, stage.label)
         self._give_up(job, stage, error, attempts)
 
     def _give_up(self, job: dict[str, Any], stage: Stage, error: str, attempts: int) -> None:
