@@ -32,7 +32,10 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.private_files import keep_files_private
+
     config = _config(args)  # fail here, with the message, not inside a worker
+    keep_files_private()  # inherited by BentoML's arbiter and every worker (patient data)
     # Workers may start elsewhere: hand them absolute paths.
     os.environ["BEFUND_VAR_DIR"] = str(Path(config.var_dir).resolve())
     os.environ["BEFUND_MODELS_DIR"] = str(Path(config.models_dir).resolve())

@@ -139,6 +139,8 @@ class Config:
     http_max_sessions: int = 1000  # logins held at once; the oldest is dropped beyond this
     http_max_target_bytes: int = 2048  # path and query of one request (a UID path is < 100); longer: 414
     http_max_header_bytes: int = 16384  # all request headers together; more: 431
+    # test hook, refused unless BEFUND_TESTING=1: {series UID: stage} (service/job_failures.py)
+    fault_injection: tuple[tuple[str, str], ...] = ()
 
     @property
     def var_path(self) -> Path:
@@ -193,6 +195,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = tuple(_destination(v) for v in value or ())
         elif key == "webhooks":
             kwargs[key] = tuple(str(v) for v in value or ())
+        elif key == "fault_injection":
+            kwargs[key] = _fault_injection(value)
         else:
             kwargs[key] = _coerce(f, value, f"{where}.{key}")
     return cls(**kwargs)
@@ -232,11 +236,23 @@ def _destination(value: Any) -> Destination:
     return _build(Destination, value, "destinations[]")
 
 
+def _fault_injection(value: Any) -> tuple[tuple[str, str], ...]:
+    from service.job_failures import Stage
+
+    if not isinstance(value, dict):
+        raise ConfigError("fault_injection must map series UIDs to stages")
+    stages = {s.value for s in Stage}
+    for stage in value.values():
+        if stage not in stages:
+            raise ConfigError(f"fault_injection: {stage!r} is not a stage ({', '.join(sorted(stages))})")
+    return tuple((str(series), str(stage)) for series, stage in value.items())
+
+
 def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     """`BEFUND_<KEY>` sets a top-level scalar; `BEFUND_PACS=AE@host:port` sets the destination."""
     out: dict[str, Any] = {}
     scalar = {f.name for f in dataclasses.fields(Config)} - set(_NESTED) - {
-        "allow", "destinations", "webhooks"}
+        "allow", "destinations", "webhooks", "fault_injection"}
     for name in scalar:
         key = ENV_PREFIX + name.upper()
         if key in env:
@@ -271,6 +287,8 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     if cfg.inference_provider not in {"cpu", "cuda"}:
         raise ConfigError(f"inference_provider must be cpu or cuda, not {cfg.inference_provider!r}")
     _check_http(cfg)
+    if cfg.fault_injection and env.get("BEFUND_TESTING") != "1":
+        raise ConfigError("fault_injection is a test hook; it is refused unless BEFUND_TESTING=1")
     return cfg
 
 

@@ -31,6 +31,7 @@ from pipelines.model_card import CardError, load_card
 from service.config import Destination
 from service.dicom_sender import send_folder
 from service.orthanc_launcher import ORTHANC, Orthanc, free_port
+from service.parent_death import killed_with_this_process
 
 PROJECT = Path(__file__).resolve().parent.parent
 BEFUND = Path(sys.executable).parent / "befund"
@@ -87,7 +88,8 @@ class BefundProcess:
         log = (self.workdir / "befund.log").open("ab")
         self.proc = subprocess.Popen(
             [str(BEFUND), "serve", "--config", str(config_path), "--host", "127.0.0.1"],
-            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=killed_with_this_process())  # noqa: PLW1509 - the node ends with the demo
         log.close()
         deadline = time.monotonic() + timeout
         while not self._ready():

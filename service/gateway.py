@@ -19,6 +19,7 @@ from service.model_service import ModelService
 from service.node import Node
 from service.node_checks import alive, ready
 from service.parent_death import die_with_parent
+from service.private_files import keep_files_private
 
 log = logging.getLogger("befund.gateway")
 
@@ -40,6 +41,7 @@ class Gateway:
 
     def __init__(self) -> None:
         die_with_parent()
+        keep_files_private()
         configure_logging()
         self.node = Node(load_config())
         self.node.start_receiving()

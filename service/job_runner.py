@@ -1,9 +1,16 @@
 """The job runner: leases jobs from the state DB, has the model service analyse them, encodes the
 result objects, and queues their deliveries — in that order, each step restartable.
 
-A job that the model service cannot finish is retried with backoff; after the last attempt it
-ends as `failed` and still produces a "not analysed" SR, so the PACS and the worklist never
-read silence as a negative result.
+An attempt passes through stages (service/job_failures.py): analysis, SR encoding, SEG
+encoding, saving the files, building the deliveries, recording the result. A failure in any
+of them counts as an attempt (the lease counted it in the state DB before the attempt began,
+so a node that dies in the same place on every start also runs out of attempts); the job is
+retried with backoff, and an analysis that succeeded is kept, so a retry does not run the
+model again. After `job_max_attempts` the job ends as `failed`, "not analysed: internal error
+in <stage>", and still produces a "not analysed" SR, so the PACS and the worklist never read
+silence as a negative result: from the source header, or, when that header is what broke the
+SR encoder, from a reduced copy of it (pipelines/source_header.py); when even that cannot be
+encoded or saved, the reason says so and the worklist shows it without an SR.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +33,25 @@ from pipelines.result_uids import result_uids
 from service import metrics
 from service.config import Config
 from service.durable_files import save_dataset_durably
+from service.job_failures import FaultInjection, Stage, describe_error, frames_of
 from service.state_db import StateDB
 
 log = logging.getLogger("befund.jobs")
 
 Analyse = Callable[[str, list[str]], dict[str, Any]]
+MAX_RETRY_DELAY_S = 60.0
+
+
+@dataclass
+class Attempt:
+    """One attempt of a job: its state-DB row and the stage it is in."""
+
+    job: dict[str, Any]
+    stage: Stage = Stage.ANALYSIS
+
+    @property
+    def id(self) -> int:
+        return self.job["id"]
 
 
 class JobRunner:
@@ -40,6 +63,7 @@ class JobRunner:
         self.config = config
         self.owner = owner
         self.on_queued = on_queued  # wakes the outbox
+        self.faults = FaultInjection(config.fault_injection)
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -72,26 +96,52 @@ class JobRunner:
                 self._stop.wait(1.0)
 
     def _step(self) -> None:
-        """Lease one job and run it, or wait up to 0.5 s for one."""
+        """Lease one job and run one attempt of it, or wait up to 0.5 s for one."""
         job = self.db.lease_job(self.owner, self.config.job_lease_s)
         if job is None:
             self.wake.wait(0.5)
             self.wake.clear()
             return
-        try:
-            self.run_job(job)
-        except Exception:  # noqa: BLE001 - a bug in one job must not stop the runner
-            log.exception("job %s crashed in the runner; it will be retried", job["id"])
-            self.db.retry_job_later(job["id"], "internal error in the job runner", 5.0)
+        with self._lease_kept(job["id"]):
+            if job["attempts"] > self.config.job_max_attempts:
+                self._interrupted_too_often(job)
+                return
+            attempt = Attempt(job)
+            try:
+                self.run_job(attempt)
+            except Exception as exc:  # noqa: BLE001 - any failure in any stage is one attempt
+                self._attempt_failed(attempt, exc)
 
-    def run_job(self, job: dict[str, Any]) -> None:
+    @contextmanager
+    def _lease_kept(self, job_id: int) -> Iterator[None]:
+        """Renew the job's lease while this attempt runs, so a long analysis is not leased twice."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.config.job_lease_s / 4):
+                try:
+                    self.db.renew_job_lease(job_id, self.owner, self.config.job_lease_s)
+                except Exception as exc:  # noqa: BLE001 - the next renewal may get through
+                    log.warning("job %s: lease not renewed (%s)", job_id, type(exc).__name__)
+
+        renewer = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+    # --- one attempt ------------------------------------------------------------------------
+
+    def run_job(self, attempt: Attempt) -> None:
+        job = attempt.job
         key = f"{job['model_name']}@{job['model_version']}"
         card = self.cards.get(key)
         log.info("job %s: %s on series %s run %s (attempt %s)", job["id"], key,
                  job["series_uid"], job["run"], job["attempts"])
         if card is None:
             result = AnalysisResult.not_analysed(f"model {key} is no longer installed")
-            self._finish(job, None, result, "failed", result.reason)
+            self._finish(attempt, None, result, "failed", result.reason)
             return
         purged = self.db.purged_instances(job["series_uid"])
         if purged:
@@ -99,30 +149,34 @@ class JobRunner:
                 f"{purged} earlier instance(s) of this series were removed from the spool by "
                 f"retention before this run; the series cannot be analysed as a whole. Resend "
                 f"the complete series to analyse it. {self._earlier_verdict(job)}")
-            self._finish(job, card, result, "not_analysed", result.reason)
+            self._finish(attempt, card, result, "not_analysed", result.reason)
             return
+        result = self._analysis(attempt, key, card)
+        state = "done" if result.analysed else "not_analysed"
+        self._finish(attempt, card, result, state, "" if result.analysed else result.reason)
+
+    def _enter(self, attempt: Attempt, stage: Stage) -> None:
+        """Note the stage in the state DB (a crash in it is reported with it) and run the test hook."""
+        attempt.stage = stage
+        self.db.record_job_stage(attempt.id, stage.value)
+        self.faults.check(stage, attempt.job["series_uid"])
+
+    def _analysis(self, attempt: Attempt, key: str, card: ModelCard) -> AnalysisResult:
+        """The model service's result, or the one an earlier attempt of this job kept."""
+        job = attempt.job
+        if job.get("analysis"):
+            log.info("job %s: the analysis of an earlier attempt is kept; not run again", job["id"])
+            return AnalysisResult.from_dict(json.loads(job["analysis"]))
+        self._enter(attempt, Stage.ANALYSIS)
         paths = self.db.series_paths(job["series_uid"])
         started = time.time()
-        try:
-            raw = self.analyse(key, paths)
-            result = AnalysisResult.from_dict(raw)
-        except Exception as exc:  # noqa: BLE001 - any failure of the model service is retried
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            if job["attempts"] < self.config.job_max_attempts:
-                delay = min(60.0, 2.0 ** job["attempts"])
-                log.warning("job %s attempt %s failed (%s); retry in %.0f s", job["id"],
-                            job["attempts"], error, delay)
-                self.db.retry_job_later(job["id"], error, delay)
-                return
-            result = AnalysisResult.not_analysed(
-                f"analysis failed after {job['attempts']} attempts: {error}")
-            self._finish(job, card, result, "failed", error)
-            return
+        raw = self.analyse(key, paths)
+        result = AnalysisResult.from_dict(raw)
         for stage, seconds in result.timings.items():
             metrics.STAGE_SECONDS.labels(card.name, stage).observe(seconds)
         metrics.STAGE_SECONDS.labels(card.name, "model_service").observe(time.time() - started)
-        state = "done" if result.analysed else "not_analysed"
-        self._finish(job, card, result, state, "" if result.analysed else result.reason)
+        self.db.keep_job_analysis(job["id"], result.to_dict())
+        return result
 
     def _earlier_verdict(self, job: dict[str, Any]) -> str:
         """What the last analysed run of this series and model said, for the reader of a reason."""
@@ -135,11 +189,20 @@ class JobRunner:
         shown = f" (certainty {100 * certainty:.0f} %)" if isinstance(certainty, (int, float)) else ""
         return f"Run {row['run']} found the finding {verdict}{shown}; that result stands."
 
-    def _finish(self, job: dict[str, Any], card: ModelCard | None, result: AnalysisResult,
+    def _finish(self, attempt: Attempt, card: ModelCard | None, result: AnalysisResult,
                 state: str, error: str) -> None:
+        job = attempt.job
         started = time.time()
-        files = self._encode(job, card, result) if card is not None else []
+        files = self._encode(attempt, card, result) if card is not None else []
         encode_s = time.time() - started
+        summary = self._summary(card, result, files, encode_s)
+        deliveries = self._deliveries(attempt, files)
+        self._enter(attempt, Stage.RESULT_ROW)
+        self.db.finish_job(job["id"], state, summary, error, deliveries)
+        self._count(job, card, result, state, encode_s)
+
+    def _summary(self, card: ModelCard | None, result: AnalysisResult, files: list[Path],
+                 encode_s: float) -> dict[str, Any]:
         summary = result.to_dict()
         summary["timings"] = {**result.timings, "encode": encode_s}
         summary["files"] = [str(f) for f in files]
@@ -149,7 +212,10 @@ class JobRunner:
                                   "meaning": card.finding.code.meaning}
             summary["priority"] = (card.postprocessing.priority_when_positive
                                    if result.present else "normal")
-        self.db.finish_job(job["id"], state, summary, error, self._deliveries(job, files))
+        return summary
+
+    def _count(self, job: dict[str, Any], card: ModelCard | None, result: AnalysisResult,
+               state: str, encode_s: float) -> None:
         name = card.name if card else job["model_name"]
         metrics.STAGE_SECONDS.labels(name, "encode").observe(encode_s)
         metrics.JOB_OUTCOMES.labels(name, state).inc()
@@ -163,7 +229,8 @@ class JobRunner:
                  f" ({result.reason})" if result.reason else "")
         self.on_queued()
 
-    def _deliveries(self, job: dict[str, Any], files: list[Path]) -> list[tuple[str, str, dict]]:
+    def _deliveries(self, attempt: Attempt, files: list[Path]) -> list[tuple[str, str, dict]]:
+        self._enter(attempt, Stage.DELIVERIES)
         out: list[tuple[str, str, dict]] = []
         if files:
             for dest in self.config.destinations:
@@ -174,10 +241,16 @@ class JobRunner:
             out.append(("webhook", url, {}))
         return out
 
-    def _encode(self, job: dict[str, Any], card: ModelCard, result: AnalysisResult) -> list[Path]:
-        """Write the SR (and, for slides, the heatmap SEG) durably under var/results/job-<id>/."""
+    def _encode(self, attempt: Attempt, card: ModelCard, result: AnalysisResult,
+                reduced_header: bool = False) -> list[Path]:
+        """Write the SR (and, for slides, the heatmap SEG) durably under var/results/job-<id>/.
+
+        `reduced_header`: build the SR from pipelines/source_header.py's copy of the header.
+        """
         from pipelines.sr_encoding import build_result_sr
 
+        job = attempt.job
+        self._enter(attempt, Stage.ENCODE_SR)
         # headers come from files still in the spool (retention may have removed older ones)
         instances = [r for r in self.db.series_instances(job["series_uid"]) if r["purged_at"] is None]
         by_uid = {r["sop_instance_uid"]: r for r in instances}
@@ -188,17 +261,103 @@ class JobRunner:
             wanted = [instances[0]["sop_instance_uid"]]
         headers = [pydicom.dcmread(by_uid[u]["path"], stop_before_pixels=True)
                    for u in dict.fromkeys(wanted)]
+        if reduced_header:
+            from pipelines.source_header import minimal_source_header
+
+            headers = [minimal_source_header(h) for h in headers]
         uids = result_uids(job["series_uid"], card.key, job["run"])
-        folder = self.config.results_path / f"job-{job['id']}"
         sr = build_result_sr(card, result, headers, uids, job["run"])
-        files = [save_dataset_durably(sr, folder / "sr.dcm")]
+        seg = None
         if result.analysed and result.heatmap:
             from pipelines.seg_encoding import build_heatmap_seg
 
+            self._enter(attempt, Stage.ENCODE_SEG)
             slide = next((h for h in headers
                           if h.SOPInstanceUID == result.heatmap.get("level_sop_instance_uid")),
                          headers[0])
             seg = build_heatmap_seg(card, result, slide, uids.seg_series_uid, uids.seg_sop_uid,
                                     job["run"])
+        self._enter(attempt, Stage.SAVE)
+        folder = self.config.results_path / f"job-{job['id']}"
+        files = [save_dataset_durably(sr, folder / "sr.dcm")]
+        if seg is not None:
             files.append(save_dataset_durably(seg, folder / "seg.dcm"))
+        else:  # a SEG an earlier attempt saved is no result of this one
+            (folder / "seg.dcm").unlink(missing_ok=True)
         return files
+
+    # --- failures ---------------------------------------------------------------------------
+
+    def _private(self, job: dict[str, Any]) -> list[str]:
+        """The study's patient identifiers, which an error text must not repeat."""
+        study = self.db.study(job["study_uid"]) or {}
+        return [study.get("patient_name") or "", study.get("patient_id") or "",
+                study.get("accession") or ""]
+
+    def _attempt_failed(self, attempt: Attempt, exc: Exception) -> None:
+        job, stage = attempt.job, attempt.stage
+        metrics.JOB_ATTEMPT_FAILURES.labels(stage.value).inc()
+        error = describe_error(exc, self._private(job))
+        if job["attempts"] < self.config.job_max_attempts:
+            delay = min(MAX_RETRY_DELAY_S, 2.0 ** job["attempts"])
+            log.warning("job %s attempt %s of %s failed in %s (%s); retry in %.0f s", job["id"],
+                        job["attempts"], self.config.job_max_attempts, stage.label, error, delay)
+            log.debug("job %s failed at:\n%s", job["id"], frames_of(exc))
+            self.db.retry_job_later(job["id"], error, delay)
+            return
+        log.error("job %s failed in %s after %s attempt(s) (%s) at:\n%s", job["id"], stage.label,
+                  job["attempts"], error, frames_of(exc))
+        self._give_up(job, stage, error, job["attempts"])
+
+    def _interrupted_too_often(self, job: dict[str, Any]) -> None:
+        """The attempts ran out, the last one ended without an outcome (the node stopped during
+        it, e.g. killed for memory in the same slide on every start): give up now."""
+        stage = Stage.stored(job.get("stage"))
+        attempts = job["attempts"] - 1
+        error = "the node stopped while the job was running" + (
+            f"; an earlier attempt failed with {job['last_error']}" if job["last_error"] else "")
+        log.error("job %s: attempt %s of %s ended without an outcome (the node stopped in %s); "
+                  "giving up", job["id"], attempts, self.config.job_max_attempts, stage.label)
+        self._give_up(job, stage, error, attempts)
+
+    def _give_up(self, job: dict[str, Any], stage: Stage, error: str, attempts: int) -> None:
+        """End the job as failed with a "not analysed" result that names the stage and error.
+
+        Its SR goes through the same encoder; when that fails again, once more from a reduced
+        header, and when that fails too (or saving, or building the deliveries), the job is
+        recorded without it and the reason says why.
+        """
+        reason = f"internal error in {stage.label} after {attempts} attempt(s): {error}"
+        key = f"{job['model_name']}@{job['model_version']}"
+        card = self.cards.get(key)
+        attempt = Attempt(job)
+        files: list[Path] = []
+        if card is not None:
+            files, missing = self._not_analysed_sr(attempt, card, AnalysisResult.not_analysed(reason))
+            if missing:
+                reason += f"; no \"not analysed\" SR could be made: {missing}"
+        try:
+            deliveries = self._deliveries(attempt, files)
+        except Exception as exc:  # noqa: BLE001 - the failure is recorded without deliveries
+            deliveries = []
+            reason += (f"; no delivery could be queued: {Stage.DELIVERIES.label} failed "
+                       f"({describe_error(exc, self._private(job))})")
+        result = AnalysisResult.not_analysed(reason)
+        summary = self._summary(card, result, files, 0.0)
+        self.db.finish_job(job["id"], "failed", summary, error, deliveries, stage=stage.value)
+        self._count(job, card, result, "failed", 0.0)
+
+    def _not_analysed_sr(self, attempt: Attempt, card: ModelCard,
+                         result: AnalysisResult) -> tuple[list[Path], str]:
+        """The not-analysed SR's files, or none and why."""
+        try:
+            return self._encode(attempt, card, result), ""
+        except Exception as exc:  # noqa: BLE001 - a reduced header may still encode
+            if attempt.stage is not Stage.ENCODE_SR:
+                return [], f"{attempt.stage.label} failed ({describe_error(exc, self._private(attempt.job))})"
+            log.warning("job %s: the \"not analysed\" SR does not encode from the source header "
+                        "(%s); trying a reduced copy of it", attempt.id, type(exc).__name__)
+        try:
+            return self._encode(attempt, card, result, reduced_header=True), ""
+        except Exception as exc:  # noqa: BLE001 - reported in the reason instead
+            return [], f"{attempt.stage.label} failed ({describe_error(exc, self._private(attempt.job))})"

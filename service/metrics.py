@@ -46,3 +46,6 @@ HTTP_SECONDS = Histogram("befund_http_request_duration_seconds", "HTTP request d
                          ["route"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30))
 HTTP_REFUSED = Counter("befund_http_refused_total",
                        "HTTP requests refused by a limit or check of the token gate or the edge", ["reason"])
+JOB_ATTEMPT_FAILURES = Counter(
+    "befund_job_attempt_failures_total", "Job attempts that failed, by the stage they failed in",
+    ["stage"])

@@ -35,7 +35,8 @@ from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard, usable_cards
 from service.config import load_config
 from service.onnx_sessions import Predictor, build_session, default_threads
-from service.parent_death import die_with_parent
+from service.parent_death import die_with_parent, exit_with
+from service.private_files import keep_files_private
 from service.shared_batches import SharedBatches
 from service.shared_tensors import SharedTensor, SharedTensorReader
 
@@ -75,6 +76,7 @@ shared_route = Starlette(routes=[Route("/infer", _infer_shared_route, methods=["
 class ModelService:
     def __init__(self) -> None:
         die_with_parent()
+        keep_files_private()
         config = load_config()
         self.spool = Path(config.spool_path).resolve()
         cards, errors = usable_cards(config.models_dir)
@@ -88,8 +90,10 @@ class ModelService:
                                max_items=256, name=key)
             for key, card in self.cards.items()}
         cores = default_threads(reserved=0)
+        # decode workers end with this process (service/parent_death.py says why a watchdog)
         self.executor = ProcessPoolExecutor(max_workers=cores,
-                                            mp_context=multiprocessing.get_context("spawn"))
+                                            mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=exit_with, initargs=(os.getpid(),))
         for f in [self.executor.submit(_noop) for _ in range(cores)]:
             f.result()  # start the decoders now, not on the first study
         self.shared = SharedTensorReader()

@@ -23,6 +23,7 @@ from service.dicom_listener import DicomListener
 from service.job_runner import Analyse, JobRunner
 from service.node_checks import Check, failing, node_checks, ready
 from service.outbox import Outbox
+from service.private_files import tighten_var_dir
 from service.retention import RetentionCleaner
 from service.spool import Spool, StoredInstance
 from service.state_db import StateDB
@@ -57,7 +58,8 @@ class Node:
         global _current
         self.config = config
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        config.var_path.mkdir(parents=True, exist_ok=True)
+        config.var_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tighten_var_dir(config.var_path)
         self.token = load_or_create_token(config)
         self.card_errors: dict[str, str] = {}
         if cards is None:

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service.parent_death import killed_with_this_process
+
 ORTHANC = "/usr/sbin/Orthanc"
 LUA_SCRIPT = Path(__file__).resolve().parent / "orthanc_autoforward.lua"
 POLL_S = 0.05  # poll interval while waiting on a deadline
@@ -122,7 +124,8 @@ class Orthanc:
         self.log_path = self.dir / "orthanc.log"
         self._log_file = self.log_path.open("wb")
         self.proc = subprocess.Popen([ORTHANC, str(config_path)], cwd=self.dir, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=killed_with_this_process())  # noqa: PLW1509
         try:
             self.wait_for(self._answers, self.start_timeout, what="Orthanc's REST API")
         except BaseException:

@@ -108,6 +108,7 @@ class StateDB:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self._migrate_jobs()
 
     def _migrate(self) -> None:
         """Columns added after a DB was first created (CREATE TABLE IF NOT EXISTS keeps old tables)."""
@@ -117,6 +118,15 @@ class StateDB:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(series)")}
         if "restored" not in columns:
             self._db.execute("ALTER TABLE series ADD COLUMN restored INTEGER NOT NULL DEFAULT 0")
+
+    def _migrate_jobs(self) -> None:
+        """Job columns added later: the stage an attempt is in (or failed in), and the analysis
+        result of an attempt whose later stages failed (a retry does not run the model again)."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "stage" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN stage TEXT NOT NULL DEFAULT ''")
+        if "analysis" not in columns:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN analysis TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -316,6 +326,25 @@ class StateDB:
             job["attempts"] += 1
             return job
 
+    def renew_job_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend the lease of a job this owner still runs (a long analysis is not re-leased)."""
+        now = time.time()
+        with self.transaction() as db:
+            cur = db.execute(
+                """UPDATE jobs SET lease_until=? WHERE id=? AND lease_owner=? AND state='running'""",
+                (now + lease_s, job_id, owner))
+            return cur.rowcount == 1
+
+    def record_job_stage(self, job_id: int, stage: str) -> None:
+        """The stage the job's attempt enters; kept if the attempt or the node dies in it."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET stage=?, updated_at=? WHERE id=?", (stage, time.time(), job_id))
+
+    def keep_job_analysis(self, job_id: int, analysis: dict[str, Any]) -> None:
+        """The model's result for this job, kept until the job finishes (retries reuse it)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET analysis=? WHERE id=?", (json.dumps(analysis), job_id))
+
     def retry_job_later(self, job_id: int, error: str, delay_s: float) -> None:
         now = time.time()
         with self.transaction() as db:
@@ -325,15 +354,16 @@ class StateDB:
                 (now + delay_s, error, now, job_id))
 
     def finish_job(self, job_id: int, state: str, result: dict[str, Any], error: str,
-                   deliveries: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Record a job's outcome and queue its deliveries in one transaction."""
+                   deliveries: list[tuple[str, str, dict[str, Any]]], stage: str = "") -> None:
+        """Record a job's outcome and queue its deliveries in one transaction; `stage` names
+        the stage a failed job failed in."""
         assert state in JOB_FINAL
         now = time.time()
         with self.transaction() as db:
             db.execute(
                 """UPDATE jobs SET state=?, result=?, last_error=?, lease_until=NULL,
-                       updated_at=?, finished_at=? WHERE id=?""",
-                (state, json.dumps(result), error, now, now, job_id))
+                       updated_at=?, finished_at=?, stage=?, analysis=NULL WHERE id=?""",
+                (state, json.dumps(result), error, now, now, stage, job_id))
             for kind, destination, payload in deliveries:
                 db.execute(
                     """INSERT INTO outbox(job_id, kind, destination, payload, created_at,

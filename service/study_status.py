@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+from service.job_failures import Stage
 from service.state_db import StateDB
 
 STATE_ORDER = ["receiving", "waiting", "running", "delivery failed", "not analysed", "done",
@@ -55,6 +56,7 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
         "id": job["id"], "series_uid": job["series_uid"], "model": job["model_name"],
         "model_version": job["model_version"], "run": job["run"], "state": job["state"],
         "attempts": job["attempts"], "last_error": job["last_error"],
+        "stage": Stage.stored(job["stage"]).label if job.get("stage") else "",
         "present": result.get("present"), "certainty": result.get("certainty"),
         "score": result.get("score"), "threshold": result.get("threshold"),
         "reason": result.get("reason") or "", "finding": result.get("finding"),
@@ -75,6 +77,9 @@ def _job_state(job: dict[str, Any], deliveries: list[dict[str, Any]]) -> tuple[s
     mine = [d for d in deliveries if d["job_id"] == job["id"]]
     result = json.loads(job.get("result") or "{}")
     if job["state"] == "queued":
+        if job["last_error"] and job.get("stage"):  # an attempt failed; the next one is due
+            return "waiting", (f"attempt {job['attempts']} failed in "
+                               f"{Stage.stored(job['stage']).label}: {job['last_error']}; retrying")
         return "waiting", ""
     if job["state"] == "running":
         return "running", ""

@@ -85,10 +85,12 @@ def rss_bytes(pid: int) -> int:
 
 class RunningNode:
     def __init__(self, workdir: Path, pacs: str | None = None, http_ca: str | None = None,
-                 **overrides: Any):
+                 env: dict[str, str] | None = None, **overrides: Any):
         """`overrides` are config keys; with `http_tls={"cert": ..., "key": ...}` the node speaks
-        HTTPS and `http_ca` (a CA file) is what the harness trusts."""
+        HTTPS and `http_ca` (a CA file) is what the harness trusts. `env` is added on top of the
+        test's environment less its BEFUND_* variables."""
         self.workdir = Path(workdir)
+        self.env = dict(env or {})  # on top of the test's environment less its BEFUND_* variables
         self.var = self.workdir / "var"
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -134,6 +136,7 @@ class RunningNode:
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
         env["BEFUND_LOG_LEVEL"] = "INFO"
+        env.update(self.env)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(BEFUND), "serve", "--config", str(self.config_path), "--host", "127.0.0.1"],
