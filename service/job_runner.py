@@ -190,7 +190,9 @@ class JobRunner:
                    for u in dict.fromkeys(wanted)]
         uids = result_uids(job["series_uid"], card.key, job["run"])
         folder = self.config.results_path / f"job-{job['id']}"
-        sr = build_result_sr(card, result, headers, uids, job["run"])
+        earlier = self.db.previous_run(job["series_uid"], card.name, card.version, job["run"])
+        sr = build_result_sr(card, result, headers, uids, job["run"], supersedes=(
+            result_uids(job["series_uid"], card.key, earlier) if earlier is not None else None))
         files = [save_dataset_durably(sr, folder / "sr.dcm")]
         if result.analysed and result.heatmap:
             from pipelines.seg_encoding import build_heatmap_seg
