@@ -104,10 +104,11 @@ def db_rows(node: RunningNode, series_uid: str | None = None, sop: str | None = 
     db = sqlite3.connect(f"file:{node.var / 'state.sqlite'}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
-        rows = db.execute("SELECT sop_instance_uid, study_uid, series_uid, path, version FROM instances "
+        rows = db.execute("SELECT * FROM instances "
                           "WHERE (? IS NULL OR series_uid=?) AND (? IS NULL OR sop_instance_uid=?) "
                           "ORDER BY sop_instance_uid", (series_uid, series_uid, sop, sop)).fetchall()
-        return [dict(r) for r in rows]
+        keys = ("sop_instance_uid", "study_uid", "series_uid", "path", "version")
+        return [{k: r[k] if k in r.keys() else 1 for k in keys} for r in rows]
     finally:
         db.close()
 
@@ -207,7 +208,7 @@ def test_failed_index_of_a_resend_keeps_the_acknowledged_file(node, tmp_path):
     finally:
         lock.execute("ROLLBACK")
         lock.close()
-    assert kept.read_bytes() == before, "the acknowledged file was changed or removed"
+    assert kept.exists() and kept.read_bytes() == before, "the acknowledged file was changed or removed"
     assert db_rows(node, sop=sop) == [row]
     assert [p.name for p in spool_files(node, row["study_uid"], row["series_uid"])] == [kept.name]
     assert "not indexed, its new file removed (0xA700)" in node.log_tail(200)
