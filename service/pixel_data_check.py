@@ -15,9 +15,10 @@ buffered file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import UID
 
@@ -41,7 +42,7 @@ class PixelGeometry:
     frames: int
 
     @classmethod
-    def of(cls, header: Mapping | object) -> PixelGeometry | None:
+    def of(cls, header: Any) -> PixelGeometry | None:
         """From a header with `.get(keyword)` (the plain reader's dict or a pydicom Dataset);
         None when a value is missing or not a positive number (then only the fit is checked)."""
         values = []
@@ -92,6 +93,7 @@ def pixel_data_problem(path: Path, element: PixelElement | None, geometry: Pixel
     return ""
 
 
+@lru_cache(maxsize=64)
 def _is_encapsulated(transfer_syntax: str) -> bool | None:
     try:
         return UID(transfer_syntax).is_encapsulated
