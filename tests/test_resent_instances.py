@@ -220,6 +220,35 @@ def test_failed_index_of_a_resend_keeps_the_acknowledged_file(node, tmp_path):
     assert pydicom.dcmread(row2["path"]).PixelData == changed.PixelData
 
 
+def test_a_restart_after_a_crash_between_two_versions_keeps_exactly_one(node, tmp_path):
+    """The crash points of a new version: after its row was committed but before the old file
+    went, and after its file got its name but before its row was committed (plus a leftover
+    copy identical to the indexed version). The spool reconcile at start settles each."""
+    paths = write_ct_series(tmp_path / "ct", finding="none", slices=2, seed=7305)
+    first, other = pydicom.dcmread(paths[0]), pydicom.dcmread(paths[1])
+    assert store(node, [first, other]) == [0x0000, 0x0000]
+    second = pydicom.dcmread(paths[0])
+    second.PixelData = bytes(reversed(second.PixelData))
+    assert store(node, [second]) == [0x0000]  # version 2 of the first instance
+    [row] = db_rows(node, sop=first.SOPInstanceUID)
+    folder = Path(row["path"]).parent
+    assert row["version"] == 2
+    node.stop()
+    first.save_as(folder / f"{first.SOPInstanceUID}.dcm", enforce_file_format=True)  # not removed
+    third = pydicom.dcmread(paths[0])
+    third.PixelData = bytes(len(third.PixelData))
+    third.save_as(folder / f"{first.SOPInstanceUID}.v3.dcm", enforce_file_format=True)  # not indexed
+    other.save_as(folder / f"{other.SOPInstanceUID}.v2.dcm", enforce_file_format=True)  # same content
+    node.start()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{first.SOPInstanceUID}.v3.dcm", f"{other.SOPInstanceUID}.dcm"])
+    versions = {r["sop_instance_uid"]: (Path(r["path"]).name, r["version"])
+                for r in db_rows(node, row["series_uid"])}
+    assert versions == {first.SOPInstanceUID: (f"{first.SOPInstanceUID}.v3.dcm", 3),
+                        other.SOPInstanceUID: (f"{other.SOPInstanceUID}.dcm", 1)}
+    assert node.study(row["study_uid"])["instance_count"] == 2
+
+
 def test_same_sop_instance_uid_in_another_study_or_series_is_refused_and_the_first_stays(node, tmp_path):
     paths = write_ct_series(tmp_path / "ct", finding="none", slices=2, seed=7304)
     study, series = header(paths[0]).StudyInstanceUID, header(paths[0]).SeriesInstanceUID
