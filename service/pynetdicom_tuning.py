@@ -11,7 +11,8 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    in its incoming directory (inside the spool; service/incoming_files.py), so the spool can
    rename it into place instead of copying it, and the receive thread does not wait for the
    create. The wrapper finds the AE from the current thread, which is the association's DUL
-   thread when decoding.
+   thread when decoding. That file keeps the disk watermark and the size limit while it is
+   written, and turns a write error (ENOSPC) into a failed instance, not an aborted association.
 3. TCP_NODELAY on accepted sockets (pynetdicom never sets it; without it DCMTK's delayed-ACK
    interplay costs ~40 ms per response) and bigger socket buffers.
 4. `AssociationSocket.recv` reads in 4 KiB pieces and grows a bytearray; we read a PDU with
