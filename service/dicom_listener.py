@@ -257,6 +257,10 @@ class DicomListener:
                 record.failed += 1
                 LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), exc.strerror or exc)
                 return STATUS_OUT_OF_RESOURCES
+            except Exception as exc:  # noqa: BLE001 - e.g. the state DB's look-up: a failure status
+                record.failed += 1
+                LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), type(exc).__name__)
+                return STATUS_OUT_OF_RESOURCES
             status = STATUS_SUCCESS if stored.unchanged else self._index(record, stored)
         if status != STATUS_SUCCESS:
             return status
