@@ -27,7 +27,11 @@ Certainty of Finding is "the probability of the stated verdict" (AnalysisResult.
 on the 0..100 percent scale of PS3.16's CAD templates; `sr_reading` turns it back into 0..1.
 
 The SR sits in a new series of the source's study, with UIDs from `result_uids`: the same
-(series, model, run) gives the same UIDs, whatever the content date.
+(series, model, run) gives the same UIDs, whatever the content date. A later run of the same
+series and model (late instances, a new version of an instance, a run asked for again)
+supersedes the earlier one: its SR names the earlier SR in the Predecessor Documents Sequence
+(0040,A360) of the SR Document General module, so a PACS or viewer following IHE AIR shows the
+newer result and keeps the older one as history.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from highdicom.sr import (
 )
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from pipelines import dicom_codes as dc
 from pipelines.findings import AnalysisResult, KeyImage
@@ -197,11 +201,14 @@ def build_result_sr(
     *,
     instance_number: int = 1,
     content_datetime: datetime | None = None,
+    supersedes: ResultUids | None = None,
 ) -> pydicom.Dataset:
     """The AIR Comprehensive 3D SR for one model's result on one series (or slide).
 
     `source_headers` are instance headers of the analysed series (pixel data not needed); they
     must include every key image. The SR joins the source's study in a new series.
+    `supersedes`: the result UIDs of the earlier run of the same series and model, whose SR
+    this one replaces (Predecessor Documents Sequence).
     """
     headers = _checked_headers(source_headers)
     by_uid = {h.SOPInstanceUID: h for h in headers}
@@ -252,12 +259,25 @@ def build_result_sr(
         content_time=when.time(),
         series_date=when.date(),
         series_time=when.time(),
+        previous_versions=_predecessors(headers[0].StudyInstanceUID, supersedes),
     )
     sr.ContributingEquipmentSequence.append(_algorithm_equipment(card, when))
     sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     log.info("encoded SR %s for series %s model %s run %d: %s", uids.sr_sop_uid,
              headers[0].SeriesInstanceUID, card.key, run, verdict.value.meaning)
     return sr
+
+
+def _predecessors(study_uid: str, supersedes: ResultUids | None) -> list[pydicom.Dataset] | None:
+    """The earlier SR as highdicom takes a previous version (it builds the sequence item)."""
+    if supersedes is None:
+        return None
+    earlier = pydicom.Dataset()
+    earlier.StudyInstanceUID = study_uid  # results join the source's study: so did the earlier SR
+    earlier.SeriesInstanceUID = supersedes.series_uid
+    earlier.SOPClassUID = Comprehensive3DSRStorage
+    earlier.SOPInstanceUID = supersedes.sr_sop_uid
+    return [earlier]
 
 
 def _series_description(card: ModelCard, run: int) -> str:

@@ -1,4 +1,5 @@
-"""Watches receiving series, declares them complete, and routes them to model jobs."""
+"""Watches receiving series, declares them complete, and routes them to model jobs; answers
+the explicit trigger (`POST /studies/{uid}/run`) with what will run and why the rest will not."""
 
 from __future__ import annotations
 
@@ -6,14 +7,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pipelines.model_card import ModelCard
 from service import metrics
 from service.completion import completion_signal, next_deadline
 from service.routing import job_priority, route_series
-from service.state_db import StateDB
+from service.state_db import JOB_ACTIVE, StateDB
 
 log = logging.getLogger("befund.completion")
+
+
+@dataclass(frozen=True)
+class RunAnswer:
+    """What `POST /studies/{uid}/run` does for one series: start a run (or complete it now), or
+    not, and why."""
+
+    series_uid: str
+    runs: bool
+    reason: str
 
 
 class CompletionWatcher:
@@ -66,8 +78,51 @@ class CompletionWatcher:
             self.on_jobs()
         return wait
 
+    def request_run(self, study_uid: str, force: bool = False) -> list[RunAnswer] | None:
+        """The explicit trigger for every series of a study; None when the study is unknown.
+
+        A series still receiving completes now. One that changed since its last run, or that a
+        model has not analysed yet, runs. One whose run is queued or running, or with nothing
+        new since its last run, does not: unless `force`, which starts a new run of a series
+        with nothing new (never a second one beside a run still in progress).
+        """
+        answers = [self._answer(s, force) for s in self.db.series_of(study_uid)]
+        if not answers:
+            return None
+        if any(a.runs for a in answers):
+            self.wake.set()
+        return answers
+
+    def _answer(self, series: dict, force: bool) -> RunAnswer:
+        uid = series["series_uid"]
+        route = route_series(series, self.cards)
+        if not route.cards:
+            if series["state"] == "receiving":
+                self.db.request_ready(uid)  # complete now: flagged "not analysed" with the reason
+            return RunAnswer(uid, False, route.reason)
+        if series["state"] == "receiving":
+            self.db.request_ready(uid)
+            return RunAnswer(uid, True, "completed now")
+        latest = {(j["model_name"], j["model_version"]): j for j in self.db.runs_of(uid)}
+        for job in latest.values():
+            if job["state"] in JOB_ACTIVE:
+                return RunAnswer(uid, False, f"run {job['run']} ({job['model_name']} "
+                                             f"{job['model_version']}) is already {job['state']}")
+        lasts = [latest.get((c.name, c.version)) for c in route.cards]
+        if any(j is None or j["series_revision"] != series["revision"] for j in lasts):
+            self.db.request_ready(uid)
+            return RunAnswer(uid, True, "changed since its last run, or a model has not run on it")
+        if force:
+            self.db.request_ready(uid, again=True)
+            return RunAnswer(uid, True, "run again on request")
+        newest = max(lasts, key=lambda j: j["run"])
+        return RunAnswer(uid, False, f"nothing new since run {newest['run']} ({newest['model_name']} "
+                                     f"{newest['model_version']}, {newest['state']}); ask with "
+                                     "force to run it again")
+
     def _route(self, series: dict, signal: str, now: float) -> int:
-        uid, count = series["series_uid"], series["instance_count"]
+        uid, revision = series["series_uid"], series["revision"]
+        count = series["instance_count"]
         route = route_series(series, self.cards)
         created = 0
         for card in route.cards:
@@ -84,6 +139,6 @@ class CompletionWatcher:
         else:
             state, reason = "no_model", route.reason
             log.info("series %s complete (%s): %s", uid, signal, reason)
-        if self.db.mark_series(uid, state, reason, completed_by=signal, at=now, if_count=count):
+        if self.db.mark_series(uid, state, reason, completed_by=signal, at=now, if_revision=revision):
             metrics.SERIES_COMPLETED.labels(signal).inc()
         return created

@@ -10,14 +10,22 @@ character set matters). Anything else returns None and the caller parses with py
 which then decides (and refuses what does not parse). The values equal what pydicom gives
 for the same file; tests/test_dicom_header.py compares the two on phantoms of every transfer
 syntax and on fuzzed files.
+
+It also notes where the pixel data element starts and how long it says it is
+(`PIXEL_ELEMENT`), so that the spool can refuse an instance whose pixel data is shorter than
+declared without a second pass over the file (service/pixel_data_check.py);
+`locate_pixel_data` finds the same for a file that needs pydicom.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+from dataclasses import dataclass
 
 READ_BYTES = 64 * 1024  # a header that does not fit here is left to pydicom
+LOCATE_MAX_BYTES = 16 * 1024 * 1024  # `locate_pixel_data` gives up on headers longer than this
 IMPLICIT_LE = "1.2.840.10008.1.2"
 NOT_LITTLE_ENDIAN_EXPLICIT = {"1.2.840.10008.1.2.2",  # explicit VR big endian
                               "1.2.840.10008.1.2.1.99"}  # deflated
@@ -47,13 +55,32 @@ WANTED = {
     0x0020000E: ("SeriesInstanceUID", b"UI", "text"),
     0x00200013: ("InstanceNumber", b"IS", "int"),
     0x00280008: ("NumberOfFrames", b"IS", "int"),
+    # the pixel data's declared size (service/pixel_data_check.py)
+    0x00280002: ("SamplesPerPixel", b"US", "us"),
+    0x00280010: ("Rows", b"US", "us"),
+    0x00280011: ("Columns", b"US", "us"),
+    0x00280100: ("BitsAllocated", b"US", "us"),
 }
+PIXEL_ELEMENT = "PixelDataElement"  # the key under which the plain header holds a PixelElement
 _PRINTABLE = re.compile(rb"^[\x20-\x7e]*\x00?$")
 _INTEGER = re.compile(r"^ *[+-]?[0-9]+ *$")
 
 
 class _NotPlain(Exception):
     """The file needs pydicom."""
+
+
+@dataclass(frozen=True)
+class PixelElement:
+    """Where a pixel data element's value starts in the file, and the length it declares."""
+
+    tag: int
+    offset: int
+    length: int  # UNDEFINED for encapsulated pixel data
+
+    @property
+    def undefined_length(self) -> bool:
+        return self.length == UNDEFINED
 
 
 def read_plain_header(path) -> tuple[dict[str, object], str] | None:
@@ -80,6 +107,7 @@ def _parse(data: bytes, whole: bool) -> tuple[dict[str, object], str]:
     while pos < end:
         tag, vr, length, pos = _element(data, pos, explicit)
         if tag in PIXEL_TAGS:
+            values[PIXEL_ELEMENT] = PixelElement(tag, pos, length)
             return values, ts
         if tag <= last or tag >> 16 == 0xFFFE:
             raise _NotPlain  # out of order, repeated, or an item where an element belongs
@@ -158,8 +186,65 @@ def _skip_sequence(data: bytes, pos: int, explicit: bool, vr: bytes, depth: int)
                 pos += length
 
 
+def read_file_meta(path) -> tuple[int, str] | None:
+    """(where the data set starts, transfer syntax UID) of a Part 10 file, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(READ_BYTES)
+        if len(data) < 132 or data[128:132] != b"DICM":
+            return None
+        return _file_meta(data, 132)
+    except (_NotPlain, struct.error, ValueError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def locate_pixel_data(path) -> PixelElement | None:
+    """The top-level pixel data element of a little-endian Part 10 file whatever its values
+    (for files the plain reader leaves to pydicom); None when there is none or the file is not
+    walkable here (big endian, deflated, a malformed or very long header)."""
+    size = READ_BYTES
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            while True:
+                f.seek(0)
+                data = f.read(size)
+                try:
+                    return _find_pixel_element(data, whole=len(data) >= file_size)
+                except (_NotPlain, struct.error, ValueError, IndexError, UnicodeDecodeError):
+                    if len(data) >= file_size or size >= LOCATE_MAX_BYTES:
+                        return None
+                    size *= 4  # the header may go on beyond what was read
+    except OSError:
+        return None
+
+
+def _find_pixel_element(data: bytes, whole: bool) -> PixelElement | None:
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None
+    pos, ts = _file_meta(data, 132)
+    if ts in NOT_LITTLE_ENDIAN_EXPLICIT:
+        return None
+    explicit = ts != IMPLICIT_LE
+    while pos < len(data):
+        tag, vr, length, pos = _element(data, pos, explicit)
+        if tag in PIXEL_TAGS:
+            return PixelElement(tag, pos, length)
+        if length == UNDEFINED:
+            pos = _skip_sequence(data, pos, explicit, vr, 1)
+        else:
+            pos += length
+    if pos == len(data) and whole:
+        return None  # walked to the end of the file: no pixel data
+    raise _NotPlain  # the header goes on beyond what was read
+
+
 def _value(raw: bytes, kind: str) -> object:
     """The value as pydicom gives it, for printable ASCII only."""
+    if kind == "us":
+        if len(raw) != 2:
+            raise _NotPlain  # empty or several values: pydicom decides
+        return struct.unpack("<H", raw)[0]
     if not _PRINTABLE.match(raw):
         raise _NotPlain  # a character set, control characters or stray nulls: pydicom decodes
     text = raw.decode("ascii").rstrip(" \x00")

@@ -4,6 +4,14 @@ An instance is acknowledged (0x0000) only after its file is fsynced and renamed 
 spool and `on_instance` (the state DB) has returned. Every refusal is a failure status with a
 reason in the log that names UIDs only. One small handler per event; nothing slow runs in a
 handler beyond the write and the index call.
+
+A SOP Instance UID sent again: the same data set is acknowledged and changes nothing; other
+content is a new version beside the old file, whose removal waits until the new row is
+committed, so a failure never removes a file an acknowledged row points to; the same UID
+under another study or series is refused (0xA900). The data set's file refuses to grow past
+the disk watermark or the size limit while it arrives (service/incoming_files.py): the
+instance is answered 0xA700 and the association goes on. Files of data sets whose association
+ended before they were complete are removed when it ends.
 """
 
 from __future__ import annotations
@@ -23,8 +31,11 @@ from pynetdicom.sop_class import Verification
 
 from service import pynetdicom_tuning
 from service.config import Config
-from service.incoming_files import IncomingFiles
+from service.incoming_files import IncomingFile, IncomingFiles, SpaceGuard
 from service.spool import (
+    IncompletePixelData,
+    IndexedInstance,
+    InstanceElsewhere,
     InstanceTooLarge,
     InvalidUid,
     OutOfSpace,
@@ -71,9 +82,14 @@ _STATUS_FOR = {
     OutOfSpace: STATUS_OUT_OF_RESOURCES,
     InstanceTooLarge: STATUS_OUT_OF_RESOURCES,
     UidMismatch: STATUS_DATASET_MISMATCH,
+    InstanceElsewhere: STATUS_DATASET_MISMATCH,
     InvalidUid: STATUS_CANNOT_UNDERSTAND,
     UnreadableInstance: STATUS_CANNOT_UNDERSTAND,
+    IncompletePixelData: STATUS_CANNOT_UNDERSTAND,
 }
+# One SOP Instance UID is stored by one association at a time (from the look-up of its stored
+# version to the commit of the new one); UIDs share these locks by hash.
+SOP_LOCK_STRIPES = 256
 
 
 @dataclass
@@ -94,11 +110,16 @@ class DicomListener:
 
     def __init__(self, config: Config, spool: Spool,
                  on_instance: Callable[[StoredInstance], None],
-                 on_association_end: Callable[[str, str], None]):
+                 on_association_end: Callable[[str, str], None],
+                 indexed: Callable[[str], IndexedInstance | None] | None = None):
+        """`indexed(sop)`: where the state DB holds the instance's current version (without
+        it, the spool looks in the series folder; see `Spool.store`)."""
         self.config = config
         self.spool = spool
         self.on_instance = on_instance
         self.on_association_end = on_association_end
+        self.indexed = indexed
+        self._sop_locks = [threading.Lock() for _ in range(SOP_LOCK_STRIPES)]
         self._server = None
         self._tls_server = None
         self._ae: AE | None = None
@@ -122,7 +143,9 @@ class DicomListener:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        self._incoming = pynetdicom_tuning.set_incoming_dir(ae, self.spool.incoming)
+        guard = SpaceGuard(str(self.spool.incoming), self.spool.min_free_bytes,
+                           self.config.max_instance_bytes)
+        self._incoming = pynetdicom_tuning.set_incoming_dir(ae, self.spool.incoming, guard)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -214,36 +237,71 @@ class DicomListener:
         if record is None:  # cannot happen for an accepted association; refuse rather than guess
             return STATUS_OUT_OF_RESOURCES
         sop = str(event.request.AffectedSOPInstanceUID or "")
+        incoming = _incoming_file(event)
+        if incoming is not None and not incoming.claim():  # the disk, the size limit, a write error
+            return self._refused(record, sop, STATUS_OUT_OF_RESOURCES, incoming.failed)
         started = time.monotonic()
-        try:
-            self._check_size(event.dataset_path)
-            stored = self.spool.store(event.dataset_path, calling_ae=record.calling_ae,
-                                      peer_address=record.peer_address,
-                                      association_id=record.association_id,
-                                      expected_sop_instance_uid=sop,
-                                      expected_sop_class_uid=str(event.request.AffectedSOPClassUID or ""))
-        except SpoolError as exc:
-            record.failed += 1
-            status = _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND)
-            LOG.warning("instance %s refused (0x%04X): %s", _safe_uid(sop), status, exc)
+        with self._sop_locks[hash(sop) % SOP_LOCK_STRIPES]:
+            try:
+                self._check_size(event.dataset_path)
+                stored = self.spool.store(event.dataset_path, calling_ae=record.calling_ae,
+                                          peer_address=record.peer_address,
+                                          association_id=record.association_id,
+                                          expected_sop_instance_uid=sop,
+                                          expected_sop_class_uid=str(event.request.AffectedSOPClassUID or ""),
+                                          indexed=self.indexed)
+            except SpoolError as exc:
+                return self._refused(record, sop, _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND),
+                                     str(exc))
+            except OSError as exc:
+                record.failed += 1
+                LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), exc.strerror or exc)
+                return STATUS_OUT_OF_RESOURCES
+            except Exception as exc:  # noqa: BLE001 - e.g. the state DB's look-up: a failure status
+                record.failed += 1
+                LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), type(exc).__name__)
+                return STATUS_OUT_OF_RESOURCES
+            status = STATUS_SUCCESS if stored.unchanged else self._index(record, stored)
+        if status != STATUS_SUCCESS:
             return status
-        except OSError as exc:
-            record.failed += 1
-            LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), exc.strerror or exc)
-            return STATUS_OUT_OF_RESOURCES
+        record.stored += 1
+        record.bytes += stored.size
+        LOG.debug("stored %s of series %s%s, %d bytes in %.1f ms", stored.sop_instance_uid,
+                  stored.series_uid, " (unchanged re-send)" if stored.unchanged else "", stored.size,
+                  (time.monotonic() - started) * 1000)
+        return STATUS_SUCCESS
+
+    def _index(self, record: _Association, stored: StoredInstance) -> int:
+        """Record a stored version in the state DB; then the version it replaces may go."""
         try:
             self.on_instance(stored)
         except Exception as exc:  # noqa: BLE001 - any index failure must become a failure status
+            # Only the file just written goes: a version that an acknowledged row points to lies
+            # under another name (Spool.store never writes over it).
+            self._remove(stored.path)
+            if isinstance(exc, SpoolError):
+                return self._refused(record, stored.sop_instance_uid,
+                                     _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND), str(exc))
             record.failed += 1
-            self.spool.remove(stored.path)
-            LOG.error("instance %s of series %s not indexed, file removed (0xA700): %s",
+            LOG.error("instance %s of series %s not indexed, its new file removed (0xA700): %s",
                       stored.sop_instance_uid, stored.series_uid, type(exc).__name__)
             return STATUS_OUT_OF_RESOURCES
-        record.stored += 1
-        record.bytes += stored.size
-        LOG.debug("stored %s of series %s, %d bytes in %.1f ms", stored.sop_instance_uid,
-                  stored.series_uid, stored.size, (time.monotonic() - started) * 1000)
+        if stored.replaces is not None:
+            self._remove(stored.replaces)
+            LOG.info("instance %s of series %s: version %d replaces the one stored before",
+                     stored.sop_instance_uid, stored.series_uid, stored.version)
         return STATUS_SUCCESS
+
+    def _refused(self, record: _Association, sop: str, status: int, reason: str) -> int:
+        record.failed += 1
+        LOG.warning("instance %s refused (0x%04X): %s", _safe_uid(sop), status, reason)
+        return status
+
+    def _remove(self, path: Path) -> None:
+        try:
+            self.spool.remove(path)
+        except OSError as exc:  # the instance's fate is decided; a leftover is reconciled at start
+            LOG.error("could not remove %s from the spool: %s", path.name, exc.strerror or exc)
 
     def _check_size(self, path: Path) -> None:
         size = Path(path).stat().st_size
@@ -252,7 +310,10 @@ class DicomListener:
                 f"instance of {size} bytes exceeds max_instance_bytes {self.config.max_instance_bytes}")
 
     def _on_end(self, event) -> None:
-        """Note the end of an accepted association once (released, aborted or closed)."""
+        """Note the end of an accepted association once (released, aborted or closed), and
+        remove the file of a data set it left incomplete."""
+        if self._incoming is not None:
+            self._incoming.discard_abandoned(owner=event.assoc.dul)
         with self._lock:
             record = self._assocs.pop(id(event.assoc), None)
         if record is None:
@@ -293,6 +354,12 @@ def _calling_ae(event) -> str:
     if not title and event.assoc.requestor.primitive is not None:
         title = event.assoc.requestor.primitive.calling_ae_title
     return str(title or "").strip()
+
+
+def _incoming_file(event) -> IncomingFile | None:
+    """The file pynetdicom received the data set into, when it is one of ours."""
+    found = getattr(event.request, "_dataset_file", None)
+    return found if isinstance(found, IncomingFile) else None
 
 
 def _safe_uid(text: str) -> str:

@@ -64,13 +64,27 @@ async def get_study(request: Request) -> PatientJSON:
 
 
 async def run_study(request: Request) -> PatientJSON:
+    """Start a run of the study's series, or say why not: 202 when at least one series runs
+    (or completes now), 409 with each series' reason when none does (a run already queued or
+    running; nothing new since the last run, which `{"force": true}` overrides; no model)."""
     uid = _uid(request)
     if uid is None:
         return PatientJSON({"error": "not a valid DICOM UID"}, status_code=400)
-    n = current_node().request_run(uid)
-    if n == 0:
+    try:
+        body = await request.json() if await request.body() else {}
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("force", False), bool):
+        return PatientJSON({"error": 'the body, if any, is {"force": true|false}'}, status_code=400)
+    answers = current_node().request_run(uid, force=body.get("force", False))
+    if answers is None:
         return PatientJSON({"error": f"study {uid} is not known here"}, status_code=404)
-    return PatientJSON({"study_uid": uid, "series": n, "state": "queued"}, status_code=202)
+    series = [{"series_uid": a.series_uid, "runs": a.runs, "reason": a.reason} for a in answers]
+    if not any(a.runs for a in answers):
+        reasons = "; ".join(f"series {a.series_uid}: {a.reason}" for a in answers)
+        return PatientJSON({"error": f"nothing to run for study {uid}: {reasons}",
+                             "study_uid": uid, "series": series}, status_code=409)
+    return PatientJSON({"study_uid": uid, "series": series, "state": "queued"}, status_code=202)
 
 
 async def resend_delivery(request: Request) -> PatientJSON:

@@ -266,7 +266,9 @@ class JobRunner:
 
             headers = [minimal_source_header(h) for h in headers]
         uids = result_uids(job["series_uid"], card.key, job["run"])
-        sr = build_result_sr(card, result, headers, uids, job["run"])
+        earlier = self.db.previous_run(job["series_uid"], card.name, card.version, job["run"])
+        sr = build_result_sr(card, result, headers, uids, job["run"], supersedes=(
+            result_uids(job["series_uid"], card.key, earlier) if earlier is not None else None))
         seg = None
         if result.analysed and result.heatmap:
             from pipelines.seg_encoding import build_heatmap_seg

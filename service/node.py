@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipelines.model_card import ModelCard, usable_cards
 from service import metrics
-from service.completion_watcher import CompletionWatcher
+from service.completion_watcher import CompletionWatcher, RunAnswer
 from service.config import Config
 from service.dicom_listener import DicomListener
 from service.job_runner import Analyse, JobRunner
@@ -25,7 +25,7 @@ from service.node_checks import Check, failing, node_checks, ready
 from service.outbox import Outbox
 from service.private_files import tighten_var_dir
 from service.retention import RetentionCleaner
-from service.spool import Spool, StoredInstance
+from service.spool import Spool, SpoolError, StoredInstance, parse_instance_name
 from service.state_db import StateDB
 
 log = logging.getLogger("befund.node")
@@ -74,7 +74,7 @@ class Node:
         self.completion = CompletionWatcher(self.db, self.cards, config.settle_s, config.quiet_s,
                                             on_jobs=self._jobs_created)
         self.listener = DicomListener(config, self.spool, self._on_instance,
-                                      self._on_association_end)
+                                      self._on_association_end, indexed=self.db.indexed_instance)
         self.retention = RetentionCleaner(self.db, config.spool_path, config.retention_hours)
         self.runner: JobRunner | None = None
         self._metrics_stop = threading.Event()
@@ -126,10 +126,9 @@ class Node:
         if self.runner:
             self.runner.wake.set()
 
-    def request_run(self, study_uid: str) -> int:
-        n = self.db.request_run(study_uid)
-        self.completion.wake.set()
-        return n
+    def request_run(self, study_uid: str, force: bool = False) -> list[RunAnswer] | None:
+        """`POST /studies/{uid}/run`: what runs and why the rest does not (None: unknown study)."""
+        return self.completion.request_run(study_uid, force)
 
     def resend(self, delivery_id: int) -> bool:
         ok = self.db.resend(delivery_id)
@@ -157,23 +156,65 @@ class Node:
     # --- recovery ------------------------------------------------------------------------------
 
     def reconcile_spool(self) -> int:
-        """Index spool files that have no row (the node died between rename and commit)."""
-        known = {r["path"] for r in self.db.query("SELECT path FROM instances")}
+        """Bring the state DB and the spool together after a crash; returns instances indexed.
+
+        Every file under a final name is complete (the spool renames only fsynced files), so
+        for each file that no row points to:
+        - no row for its SOP Instance UID: the node died between rename and commit; index it;
+        - a row of the same series at a later version: the node died after committing the new
+          version and before removing this old one; remove it now;
+        - a row of the same series at an earlier version: a new version written but not yet
+          indexed; index it like the listener would (same content: dropped; other: the new
+          version, and the old file goes after the commit);
+        - a row of another study or series: never moved; the file is left where it is, logged.
+        """
+        rows = {r["sop_instance_uid"]: r for r in self.db.query(
+            "SELECT sop_instance_uid, study_uid, series_uid, path, version FROM instances")}
+        known = {r["path"] for r in rows.values()}
         added = 0
         for path in self.spool.iter_instances():
             if str(path) in known:
                 continue
-            try:
-                inst = self.spool.store(path, association_id="recovered", move=True)
-            except Exception as exc:  # noqa: BLE001 - a broken leftover must not stop start-up
-                log.warning("spool file %s cannot be read (%s); left in place", path.name, exc)
+            sop, version = parse_instance_name(path.name) or ("", 0)
+            row = rows.get(sop)
+            if row is not None and (row["study_uid"], row["series_uid"]) != (
+                    path.parent.parent.name, path.parent.name):
+                log.warning("spool file of instance %s in study %s series %s is not indexed: the "
+                            "instance belongs to study %s series %s; left in place", sop,
+                            path.parent.parent.name, path.parent.name, row["study_uid"],
+                            row["series_uid"])
                 continue
-            self.db.record_instance(inst)
-            self.db.record_association_end("recovered", time.time())
-            added += 1
+            if row is not None and version < row["version"]:
+                self.spool.remove(path)
+                log.info("removed version %d of instance %s, replaced by version %d", version, sop,
+                         row["version"])
+                continue
+            if self._recover(path):
+                added += 1
         if added:
+            self.db.record_association_end("recovered", time.time())
             log.info("recovered %d spooled instance(s) that were not yet indexed", added)
         return added
+
+    def _recover(self, path: Path) -> bool:
+        """Index one spool file no row points to, as the listener would have; True if indexed."""
+        try:
+            inst = self.spool.store(path, association_id="recovered", move=True,
+                                    indexed=self.db.indexed_instance)
+        except Exception as exc:  # noqa: BLE001 - a broken leftover must not stop start-up
+            log.warning("spool file %s cannot be indexed (%s); left in place", path.name, exc)
+            return False
+        if inst.unchanged:
+            self.spool.remove(path)  # the same data set as the indexed version: a redundant copy
+            return False
+        try:
+            self.db.record_instance(inst)
+        except SpoolError as exc:
+            log.warning("spool file %s not indexed (%s); left in place", path.name, exc)
+            return False
+        if inst.replaces is not None:
+            self.spool.remove(inst.replaces)
+        return True
 
     def _client_tls(self):  # noqa: ANN202 - ssl.SSLContext | None
         tls = self.config.tls

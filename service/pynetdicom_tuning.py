@@ -11,7 +11,8 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    in its incoming directory (inside the spool; service/incoming_files.py), so the spool can
    rename it into place instead of copying it, and the receive thread does not wait for the
    create. The wrapper finds the AE from the current thread, which is the association's DUL
-   thread when decoding.
+   thread when decoding. That file keeps the disk watermark and the size limit while it is
+   written, and turns a write error (ENOSPC) into a failed instance, not an aborted association.
 3. TCP_NODELAY on accepted sockets (pynetdicom never sets it; without it DCMTK's delayed-ACK
    interplay costs ~40 ms per response) and bigger socket buffers.
 4. `AssociationSocket.recv` reads in 4 KiB pieces and grows a bytearray; we read a PDU with
@@ -85,7 +86,7 @@ from pynetdicom import _config, association, dimse, dimse_messages, dul, fsm, se
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from service.incoming_files import IncomingFiles
+from service.incoming_files import IncomingFiles, SpaceGuard
 
 TESTED_VERSIONS = ("3.0.",)
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -118,6 +119,9 @@ def check_compatible() -> None:
     src = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
     if "NamedTemporaryFile(" not in src:
         problems.append("DIMSEMessage.decode_msg no longer creates its temp file with NamedTemporaryFile")
+    if "primitive._dataset_file = self._data_set_file" not in inspect.getsource(
+            dimse_messages.DIMSEMessage.message_to_primitive):
+        problems.append("a C-STORE request no longer carries its data set file (_dataset_file)")
     if "self._assoc = assoc" not in inspect.getsource(dul.DULServiceProvider.__init__):
         problems.append("DULServiceProvider no longer keeps its association in _assoc")
     if "time.sleep(self._run_loop_delay)" not in inspect.getsource(dul.DULServiceProvider.run_reactor):
@@ -278,8 +282,7 @@ def _read_pdu_streaming(dul_provider) -> None:
         _original_read_pdu_data(dul_provider)
         return
     for start, end in fragments:
-        target.write(view[start:end])
-    target.file.flush()
+        target.write(view[start:end])  # an IncomingFile: unbuffered, and it never raises
 
 
 def _middle_data_fragments(pdu_body: memoryview, context_id) -> list[tuple[int, int]] | None:
@@ -460,10 +463,10 @@ def tune_socket(sock: socket.socket | None) -> None:
         pass
 
 
-def set_incoming_dir(ae: pynetdicom.AE, directory: Path) -> IncomingFiles:
-    """Received data sets of `ae` go into files created ahead in `directory`; the caller
-    closes the returned pool when the AE stops."""
-    pool = IncomingFiles(directory)
+def set_incoming_dir(ae: pynetdicom.AE, directory: Path, guard: SpaceGuard | None = None) -> IncomingFiles:
+    """Received data sets of `ae` go into files created ahead in `directory`, each kept to
+    `guard` while it is written; the caller closes the returned pool when the AE stops."""
+    pool = IncomingFiles(directory, guard=guard)
     setattr(ae, INCOMING_ATTR, pool)
     return pool
 

@@ -6,6 +6,13 @@ rename, fsync of the directory), so a crash leaves either the old state or the n
 tmp leftovers that `sweep_tmp` removes at start-up. UIDs are validated before they become
 path components. The header is parsed without pixel data; nothing here holds an instance
 whole in memory.
+
+Versions. A SOP Instance UID that is already stored (`IndexedInstance`, from the state DB) and
+comes again with the same data set changes nothing. With other content it is a new version,
+written beside the current one as `<sop>.v<N>.dcm`: the file an acknowledged row points to is
+never overwritten, and never removed by a later failure. The caller removes the old version
+(`StoredInstance.replaces`) only after the new row is committed; `Node.reconcile_spool` sorts
+out a crash between the two. The same UID under another study or series is refused.
 """
 
 from __future__ import annotations
@@ -18,20 +25,23 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.tag import Tag
 
-from service.dicom_header import read_plain_header
+from service.dicom_header import PIXEL_ELEMENT, locate_pixel_data, read_file_meta, read_plain_header
+from service.pixel_data_check import PixelGeometry, pixel_data_problem
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 UID_MAX_LEN = 64
 INCOMING_DIR = ".incoming"  # the network layer's temp files: same filesystem, so rename not copy
 TMP_SUFFIX = ".tmp"
 INSTANCE_SUFFIX = ".dcm"
+# `<sop>.dcm` is version 1, `<sop>.v<N>.dcm` version N (a UID holds only digits and dots)
+INSTANCE_NAME_RE = re.compile(r"^(?P<sop>[0-9]+(?:\.[0-9]+)*?)(?:\.v(?P<version>[1-9][0-9]*))?\.dcm$")
 COPY_CHUNK = 8 * 1024 * 1024
 DEFER_SIZE = 4096  # header values above this stay on disk while parsing
 
@@ -40,7 +50,7 @@ HEADER_KEYWORDS = (
     "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "StudyDate",
     "AccessionNumber", "Modality", "StudyDescription", "SeriesDescription", "PatientName",
     "PatientID", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber",
-    "NumberOfFrames",
+    "NumberOfFrames", "SamplesPerPixel", "Rows", "Columns", "BitsAllocated",
 )
 HEADER_TAGS = [Tag(k) for k in HEADER_KEYWORDS]
 
@@ -67,6 +77,25 @@ class OutOfSpace(SpoolError):
 
 class InstanceTooLarge(SpoolError):
     """An instance above the configured size limit."""
+
+
+class InstanceElsewhere(SpoolError):
+    """The SOP Instance UID is already stored under another study or series."""
+
+
+class IncompletePixelData(SpoolError):
+    """Pixel data shorter than the header declares, or running past the end of the file."""
+
+
+@dataclass(frozen=True)
+class IndexedInstance:
+    """What the state DB holds for a SOP Instance UID: where its current version lies."""
+
+    study_uid: str
+    series_uid: str
+    path: Path
+    version: int
+    purged: bool = False  # retention removed its file
 
 
 @dataclass(frozen=True)
@@ -98,6 +127,22 @@ class StoredInstance:
     peer_address: str
     association_id: str
     received_at: float
+    version: int = 1
+    replaces: Path | None = None  # the earlier version's file, to remove once this one is indexed
+    unchanged: bool = False  # the same data set as the stored version: nothing to record
+
+
+def instance_name(sop: str, version: int = 1) -> str:
+    """The file name of a version of an instance in its series folder."""
+    return f"{sop}{INSTANCE_SUFFIX}" if version == 1 else f"{sop}.v{version}{INSTANCE_SUFFIX}"
+
+
+def parse_instance_name(name: str) -> tuple[str, int] | None:
+    """(SOP Instance UID, version) from a spool file name, or None for any other name."""
+    m = INSTANCE_NAME_RE.fullmatch(name)
+    if m is None:
+        return None
+    return m.group("sop"), int(m.group("version") or 1)
 
 
 def validate_uid(uid: object, what: str) -> str:
@@ -174,12 +219,13 @@ class Spool:
         self._dir_lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------------------------
-    def path_for(self, study: str, series: str, sop: str) -> Path:
-        """The final path of an instance; the UIDs are validated before they touch a path."""
+    def path_for(self, study: str, series: str, sop: str, version: int = 1) -> Path:
+        """The final path of a version of an instance; the UIDs are validated before they
+        touch a path."""
         study = validate_uid(study, "Study Instance UID")
         series = validate_uid(series, "Series Instance UID")
         sop = validate_uid(sop, "SOP Instance UID")
-        return self.root / study / series / (sop + INSTANCE_SUFFIX)
+        return self.root / study / series / instance_name(sop, version)
 
     def _ensure_dir(self, directory: Path) -> None:
         """Create `directory` (two levels below root) and make the new entries durable."""
@@ -236,13 +282,19 @@ class Spool:
     def store(self, source: Path, *, calling_ae: str = "", peer_address: str = "",
               association_id: str = "", expected_sop_instance_uid: str | None = None,
               expected_sop_class_uid: str | None = None, received_at: float | None = None,
-              move: bool = True) -> StoredInstance:
+              move: bool = True,
+              indexed: Callable[[str], IndexedInstance | None] | None = None) -> StoredInstance:
         """Put the Part 10 file `source` into the spool and describe it.
 
         `move=True` renames `source` into place when it is on the same filesystem (the
         network layer's incoming file); otherwise its bytes are copied into a tmp file next
         to the final name. Either way: fsync the file, rename, fsync the directory. On any
         refusal nothing is left under the final name; `source` stays for its owner to delete.
+
+        `indexed(sop)` says what the state DB holds for the SOP Instance UID (see the module
+        docstring for versions); without it, a file of version 1 already in the series folder
+        counts as the stored version. An unchanged re-send returns `unchanged=True` and the
+        stored version's path, and leaves `source` alone.
         """
         source = Path(source)
         size = source.stat().st_size
@@ -256,8 +308,24 @@ class Spool:
         if expected_sop_class_uid and sop_class != str(expected_sop_class_uid).strip():
             raise UidMismatch(f"dataset {sop} is of SOP class {sop_class}, the command announced "
                               f"{shown_uid(str(expected_sop_class_uid).strip())}")
+        study = validate_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+        series = validate_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+        self._check_pixel_data(source, ds, transfer_syntax, size, sop)
+        current = indexed(sop) if indexed is not None else self._on_disk(study, series, sop)
+        version, replaces = 1, None
+        if current is not None:
+            if (current.study_uid, current.series_uid) != (study, series):
+                raise InstanceElsewhere(
+                    f"SOP Instance UID {sop} is stored in study {current.study_uid} series "
+                    f"{current.series_uid}; the same UID in study {study} series {series} is refused")
+            stored = Path(current.path)
+            if not current.purged and (stored == source or _same_data_set(source, stored)):
+                return self._describe(ds, sop, sop_class, transfer_syntax, stored, stored.stat().st_size,
+                                      calling_ae, peer_address, association_id, received_at,
+                                      version=current.version, unchanged=True)
+            version, replaces = current.version + 1, stored
         # every check that can refuse runs before the file gets its final name
-        final = self.path_for(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), sop)
+        final = self.path_for(study, series, sop, version)
         self._ensure_dir(final.parent)
         if move:
             try:
@@ -270,10 +338,20 @@ class Spool:
         else:
             self._copy_into(source, final)
         _fsync_dir(final.parent)
+        return self._describe(ds, sop, sop_class, transfer_syntax, final, size, calling_ae,
+                              peer_address, association_id, received_at, version=version,
+                              replaces=replaces)
+
+    @staticmethod
+    def _describe(ds, sop: str, sop_class: str, transfer_syntax: str, path: Path, size: int,
+                  calling_ae: str, peer_address: str, association_id: str, received_at: float | None,
+                  *, version: int, replaces: Path | None = None,
+                  unchanged: bool = False) -> StoredInstance:
         return StoredInstance(
-            path=final, size=size,
+            path=path, size=size,
             sop_class_uid=sop_class,
-            sop_instance_uid=sop, series_uid=final.parent.name, study_uid=final.parent.parent.name,
+            sop_instance_uid=sop,
+            series_uid=path.parent.name, study_uid=path.parent.parent.name,
             transfer_syntax=transfer_syntax, modality=_text(ds, "Modality"),
             body_part=_text(ds, "BodyPartExamined"),
             descriptions=(_text(ds, "StudyDescription"), _text(ds, "SeriesDescription")),
@@ -283,7 +361,20 @@ class Spool:
             accession=_text(ds, "AccessionNumber"), study_date=_text(ds, "StudyDate"),
             calling_ae=calling_ae, peer_address=peer_address, association_id=association_id,
             received_at=time.time() if received_at is None else received_at,
+            version=version, replaces=replaces, unchanged=unchanged,
         )
+
+    def _on_disk(self, study: str, series: str, sop: str) -> IndexedInstance | None:
+        """Without a state DB to ask: version 1 of the instance in its series folder, if there."""
+        path = self.path_for(study, series, sop)
+        return IndexedInstance(study, series, path, 1) if path.exists() else None
+
+    def _check_pixel_data(self, path: Path, ds, transfer_syntax: str, size: int, sop: str) -> None:
+        """Refuse pixel data shorter than declared (service/pixel_data_check.py)."""
+        element = ds.get(PIXEL_ELEMENT) if isinstance(ds, dict) else locate_pixel_data(path)
+        problem = pixel_data_problem(path, element, PixelGeometry.of(ds), transfer_syntax, size)
+        if problem:
+            raise IncompletePixelData(f"instance {sop}: {problem}")
 
     def _copy_into(self, source: Path, final: Path) -> None:
         """Copy without loading: kernel copy into a tmp file beside `final`, fsync, rename."""
@@ -300,7 +391,8 @@ class Spool:
             raise
 
     def remove(self, path: Path) -> None:
-        """Remove one stored instance (e.g. when indexing it failed) and make that durable."""
+        """Remove one stored file (a version that could not be indexed, or one a newer, indexed
+        version replaced) and make that durable."""
         path = Path(path)
         if self.root not in path.parents:
             raise ValueError(f"{path} is not inside the spool")
@@ -334,7 +426,13 @@ class Spool:
         return removed
 
     def iter_instances(self) -> Iterator[Path]:
-        """Every complete instance on disk, for reconciling the DB with the spool after a crash."""
+        """Every complete instance file on disk (each version), for reconciling the DB with the
+        spool after a crash."""
+        for path in self._instance_files():
+            if parse_instance_name(path.name) is not None:
+                yield path
+
+    def _instance_files(self) -> Iterator[Path]:
         for study in sorted(self.root.iterdir()):
             if study.name.startswith(".") or not study.is_dir():
                 continue
@@ -344,3 +442,26 @@ class Spool:
                 for f in sorted(series.iterdir()):
                     if f.suffix == INSTANCE_SUFFIX and not f.name.startswith("."):
                         yield f
+
+
+def _same_data_set(a: Path, b: Path) -> bool:
+    """True when two Part 10 files hold the same data set in the same transfer syntax (the file
+    meta, which the receiver writes itself, may differ). Reads both only when the sizes agree."""
+    if not b.exists():
+        return False
+    meta_a, meta_b = read_file_meta(a), read_file_meta(b)
+    if meta_a is None or meta_b is None:
+        (start_a, ts_a), (start_b, ts_b) = (0, ""), (0, "")
+    else:
+        (start_a, ts_a), (start_b, ts_b) = meta_a, meta_b
+    if ts_a != ts_b or a.stat().st_size - start_a != b.stat().st_size - start_b:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(start_a)
+        fb.seek(start_b)
+        while True:
+            chunk_a, chunk_b = fa.read(COPY_CHUNK), fb.read(COPY_CHUNK)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from service.spool import IndexedInstance, InstanceElsewhere
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
     study_uid TEXT PRIMARY KEY,
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS series (
     reason TEXT NOT NULL DEFAULT '',
     completed_at REAL,
     completed_by TEXT,
-    restored INTEGER NOT NULL DEFAULT 0
+    restored INTEGER NOT NULL DEFAULT 0,
+    revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
@@ -49,7 +52,8 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_class_uid TEXT, transfer_syntax TEXT, path TEXT NOT NULL, size INTEGER,
     instance_number INTEGER, number_of_frames INTEGER,
     calling_ae TEXT, peer_address TEXT, association_id TEXT, received_at REAL,
-    purged_at REAL
+    purged_at REAL,
+    version INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE INDEX IF NOT EXISTS instances_assoc ON instances(association_id);
@@ -65,6 +69,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error TEXT NOT NULL DEFAULT '',
     result TEXT,
     series_completed_at REAL,
+    series_revision INTEGER,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL,
     UNIQUE (series_uid, model_name, model_version, run)
 );
@@ -115,9 +120,22 @@ class StateDB:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(instances)")}
         if "purged_at" not in columns:
             self._db.execute("ALTER TABLE instances ADD COLUMN purged_at REAL")
+        if "version" not in columns:
+            self._db.execute("ALTER TABLE instances ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(series)")}
         if "restored" not in columns:
             self._db.execute("ALTER TABLE series ADD COLUMN restored INTEGER NOT NULL DEFAULT 0")
+        if "revision" not in columns:
+            # Before revisions, a series ran again when its count differed from its last job's,
+            # or when `restored` was set: the same rule, expressed in revisions.
+            with self.transaction() as db:
+                db.execute("ALTER TABLE series ADD COLUMN revision INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE series SET revision=instance_count+restored")
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "series_revision" not in columns:
+            with self.transaction() as db:
+                db.execute("ALTER TABLE jobs ADD COLUMN series_revision INTEGER")
+                db.execute("UPDATE jobs SET series_revision=instance_count")
 
     def _migrate_jobs(self) -> None:
         """Job columns added later: the stage an attempt is in (or failed in), and the analysis
@@ -153,18 +171,39 @@ class StateDB:
 
     # --- receive -------------------------------------------------------------------------
 
-    def record_instance(self, inst: Any) -> bool:
-        """Index a durably stored instance (a `spool.StoredInstance`). Returns False for a duplicate.
+    def indexed_instance(self, sop_instance_uid: str) -> IndexedInstance | None:
+        """Where the current version of an instance lies (the spool's versioning asks)."""
+        row = self.query_one(
+            """SELECT study_uid, series_uid, path, version, purged_at FROM instances
+               WHERE sop_instance_uid=?""", (sop_instance_uid,))
+        if row is None:
+            return None
+        return IndexedInstance(row["study_uid"], row["series_uid"], Path(row["path"]),
+                               int(row["version"]), row["purged_at"] is not None)
 
-        A duplicate SOP Instance UID replaces the file (same path) but does not count twice,
-        so re-sent instances start no new run, unless retention had removed its file: then
-        the series is whole again and runs again. A new instance in a series that already ran
-        puts the series back to `receiving`: late instances start a new, versioned run.
+    def record_instance(self, inst: Any) -> bool:
+        """Index a durably stored instance (a `spool.StoredInstance`). Returns False when
+        nothing changed (a version the DB already holds).
+
+        A new instance, or a new version of a known one (other content, or its file back after
+        retention removed it), makes the series `receiving` again with a new revision: the
+        series then completes again and starts a new, versioned run. The row points to the new
+        version's file; the caller removes the old file after this commits. The same SOP
+        Instance UID under another study or series raises InstanceElsewhere and changes nothing.
         """
         now = inst.received_at
+        version = getattr(inst, "version", 1)
         with self.transaction() as db:
-            known = db.execute("SELECT series_uid, purged_at FROM instances WHERE sop_instance_uid=?",
-                               (inst.sop_instance_uid,)).fetchone()
+            known = db.execute(
+                """SELECT study_uid, series_uid, version, size, purged_at FROM instances
+                   WHERE sop_instance_uid=?""", (inst.sop_instance_uid,)).fetchone()
+            if known and (known["study_uid"], known["series_uid"]) != (inst.study_uid, inst.series_uid):
+                raise InstanceElsewhere(
+                    f"SOP Instance UID {inst.sop_instance_uid} is indexed in study "
+                    f"{known['study_uid']} series {known['series_uid']}; not moved to study "
+                    f"{inst.study_uid} series {inst.series_uid}")
+            if known and version <= known["version"] and known["purged_at"] is None:
+                return False  # a duplicate: the DB holds this version already
             db.execute(
                 """INSERT INTO studies(study_uid, patient_name, patient_id, accession, study_date,
                        first_received_at, updated_at) VALUES (?,?,?,?,?,?,?)
@@ -182,29 +221,21 @@ class StateDB:
             db.execute(
                 """INSERT OR REPLACE INTO instances(sop_instance_uid, series_uid, study_uid,
                        sop_class_uid, transfer_syntax, path, size, instance_number,
-                       number_of_frames, calling_ae, peer_address, association_id, received_at)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                       number_of_frames, calling_ae, peer_address, association_id, received_at,
+                       version)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
                 (inst.sop_instance_uid, inst.series_uid, inst.study_uid, inst.sop_class_uid,
                  inst.transfer_syntax, str(inst.path), inst.size, inst.instance_number,
                  inst.number_of_frames, inst.calling_ae, inst.peer_address,
-                 inst.association_id, now))
-            if known and known["purged_at"] is not None:
-                # its file had gone with retention and is back: the series can run again
-                db.execute(
-                    """UPDATE series SET last_received_at=?, association_ended_at=NULL,
-                           state='receiving', restored=1 WHERE series_uid=?""",
-                    (now, inst.series_uid))
-                return True
-            if known:
-                db.execute("UPDATE series SET last_received_at=? WHERE series_uid=?",
-                           (now, inst.series_uid))
-                return False
+                 inst.association_id, now, version))
+            counted = 0 if known else 1  # a new version replaces its instance: no new count
+            grown = inst.size - ((known["size"] or 0) if known else 0)
             db.execute(
-                """UPDATE series SET instance_count=instance_count+1, bytes=bytes+?,
-                       last_received_at=?, association_ended_at=NULL,
+                """UPDATE series SET instance_count=instance_count+?, bytes=bytes+?,
+                       revision=revision+1, last_received_at=?, association_ended_at=NULL,
                        state='receiving'
                    WHERE series_uid=?""",
-                (inst.size, now, inst.series_uid))
+                (counted, grown, now, inst.series_uid))
             return True
 
     def record_association_end(self, association_id: str, ended_at: float) -> int:
@@ -217,19 +248,16 @@ class StateDB:
                 (ended_at, association_id))
             return cur.rowcount
 
-    def request_run(self, study_uid: str) -> int:
-        """The explicit trigger (`POST /studies/{uid}/run`): its series are complete now.
-
-        Series that already ran are forced through routing again, which starts a new run only
-        when their instances changed, or a fresh run when `force` semantics are wanted later.
-        """
+    def request_ready(self, series_uid: str, again: bool = False) -> bool:
+        """The explicit trigger (`POST /studies/{uid}/run`) for one series: complete it now.
+        `again`: run it even though nothing changed (a new revision); else only a series still
+        receiving, or one that changed since its last run, runs."""
         with self.transaction() as db:
             cur = db.execute(
-                """UPDATE series SET ready_requested=1,
-                       state=CASE WHEN state IN ('routed','no_model','ignored') THEN 'receiving'
-                                  ELSE state END
-                   WHERE study_uid=?""", (study_uid,))
-            return cur.rowcount
+                """UPDATE series SET ready_requested=1, state='receiving',
+                       revision=revision+?
+                   WHERE series_uid=?""", (1 if again else 0, series_uid))
+            return cur.rowcount == 1
 
     # --- completion and routing ---------------------------------------------------------
 
@@ -262,39 +290,58 @@ class StateDB:
 
     def mark_series(self, series_uid: str, state: str, reason: str = "",
                     completed_by: str | None = None, at: float | None = None,
-                    if_count: int | None = None) -> bool:
-        """Set a series' state; with `if_count`, only if no instance arrived meanwhile."""
+                    if_revision: int | None = None) -> bool:
+        """Set a series' state; with `if_revision`, only if nothing arrived meanwhile (no new
+        instance and no new version)."""
         with self.transaction() as db:
             cur = db.execute(
                 """UPDATE series SET state=?, reason=?, ready_requested=0,
                        completed_by=COALESCE(?, completed_by), completed_at=COALESCE(?, completed_at)
-                   WHERE series_uid=? AND (? IS NULL OR instance_count=?)""",
-                (state, reason, completed_by, at, series_uid, if_count, if_count))
+                   WHERE series_uid=? AND (? IS NULL OR revision=?)""",
+                (state, reason, completed_by, at, series_uid, if_revision, if_revision))
             return cur.rowcount == 1
 
     def create_job_if_new(self, series: dict[str, Any], model_name: str, model_version: str,
                           priority: int, completed_at: float) -> int | None:
-        """One job per series x model version x run; a new run only when instances changed, or
-        when files retention had removed are back (the last run could not analyse them)."""
+        """One job per series x model version x run; a new run only when the series changed
+        since the last run (new instances, new versions, files back after retention, or a run
+        asked for again: each raises the series' revision)."""
         with self.transaction() as db:
             last = db.execute(
-                """SELECT run, instance_count, state FROM jobs
+                """SELECT run, series_revision FROM jobs
                    WHERE series_uid=? AND model_name=? AND model_version=?
                    ORDER BY run DESC LIMIT 1""",
                 (series["series_uid"], model_name, model_version)).fetchone()
-            # `series` is the row read before routing, so every model routed to it sees the flag
-            if last and last["instance_count"] == series["instance_count"] and not series.get("restored"):
+            # `series` is the row read before routing, so every model routed to it sees one revision
+            if last and last["series_revision"] == series["revision"]:
                 return None
-            db.execute("UPDATE series SET restored=0 WHERE series_uid=?", (series["series_uid"],))
             run = (last["run"] + 1) if last else 1
             now = time.time()
             cur = db.execute(
                 """INSERT INTO jobs(series_uid, study_uid, model_name, model_version, run,
-                       instance_count, priority, series_completed_at, created_at, updated_at)
-                   VALUES (?,?,?,?,?,?,?,?,?,?)""",
+                       instance_count, priority, series_completed_at, series_revision,
+                       created_at, updated_at)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
                 (series["series_uid"], series["study_uid"], model_name, model_version, run,
-                 series["instance_count"], priority, completed_at, now, now))
+                 series["instance_count"], priority, completed_at, series["revision"], now, now))
             return int(cur.lastrowid)
+
+    def runs_of(self, series_uid: str) -> list[dict[str, Any]]:
+        """The newest run per model version of a series (what `POST .../run` weighs)."""
+        return self.query(
+            """SELECT j.* FROM jobs j
+               WHERE j.series_uid=? AND j.run=(SELECT MAX(run) FROM jobs k WHERE
+                   k.series_uid=j.series_uid AND k.model_name=j.model_name
+                   AND k.model_version=j.model_version)""", (series_uid,))
+
+    def previous_run(self, series_uid: str, model_name: str, model_version: str,
+                     run: int) -> int | None:
+        """The run before `run` of this series and model version (whose SR the new one supersedes)."""
+        row = self.query_one(
+            """SELECT MAX(run) AS run FROM jobs
+               WHERE series_uid=? AND model_name=? AND model_version=? AND run<?""",
+            (series_uid, model_name, model_version, run))
+        return row["run"] if row and row["run"] is not None else None
 
     # --- jobs ------------------------------------------------------------------------------
 

@@ -50,6 +50,23 @@ def _latest_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+def lead_job(all_jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run whose verdict the worklist shows for a study: among the newest run per series
+    and model (an earlier run superseded by a later one never leads) and the positives that
+    still stand, a positive outranks negatives, then the higher certainty."""
+    jobs = _latest_jobs(all_jobs)
+    analysed = [j for j in jobs if j["state"] == "done" and _result(j).get("present") is not None]
+    analysed += _standing_positives(all_jobs, jobs)
+    if analysed:
+        return max(analysed, key=lambda j: (bool(_result(j).get("present")),
+                                            _result(j).get("certainty") or 0))
+    return max(jobs, key=lambda j: j["id"]) if jobs else None
+
+
+def _result(job: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(job.get("result") or "{}")
+
+
 def job_view(job: dict[str, Any]) -> dict[str, Any]:
     result = json.loads(job.get("result") or "{}")
     return {
@@ -112,12 +129,8 @@ def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
     if not states:
         states = [("not analysed", "no image series in this study")]
     state, reason = min(states, key=lambda sr: STATE_ORDER.index(sr[0]))
-    # The verdict comes from the analysed jobs; a positive one outranks negatives.
-    views = [job_view(j) for j in jobs]
-    analysed = [v for v in views if v["present"] is not None and v["state"] == "done"]
-    analysed += [job_view(j) for j in _standing_positives(all_jobs, jobs)]
-    lead = (max(analysed, key=lambda v: (bool(v["present"]), v["certainty"] or 0))
-            if analysed else (views[-1] if views else None))
+    lead_row = lead_job(all_jobs)
+    lead = job_view(lead_row) if lead_row else None
     modality = ",".join(sorted({s["modality"] for s in series if s["modality"]} - {"SR", "SEG"}))
     return {
         "study_uid": uid,
@@ -154,9 +167,18 @@ def study_detail(db: StateDB, study_uid: str, settle_s: float) -> dict[str, Any]
          "instance_count": s["instance_count"], "state": s["state"], "reason": s["reason"],
          "completed_by": s["completed_by"]}
         for s in db.series_of(study_uid)]
-    row["jobs"] = [job_view(j) for j in db.jobs_of(study_uid)]
+    jobs = db.jobs_of(study_uid)
+    row["jobs"] = [{**job_view(j), "superseded_by_run": _superseded_by(j, jobs)} for j in jobs]
     row["deliveries"] = [delivery_view(d) for d in db.deliveries_of(study_uid)]
     return row
+
+
+def _superseded_by(job: dict[str, Any], jobs: list[dict[str, Any]]) -> int | None:
+    """The next run of the same series and model version (whose SR supersedes this one's)."""
+    later = [j["run"] for j in jobs
+             if (j["series_uid"], j["model_name"], j["model_version"])
+             == (job["series_uid"], job["model_name"], job["model_version"]) and j["run"] > job["run"]]
+    return min(later) if later else None
 
 
 def all_study_rows(db: StateDB, settle_s: float) -> list[dict[str, Any]]:

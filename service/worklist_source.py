@@ -10,7 +10,7 @@ import pydicom
 
 from pipelines.thumbnails import render_ct_png, render_heatmap_png
 from service.node import current_node
-from service.study_status import study_detail
+from service.study_status import lead_job, study_detail
 
 log = logging.getLogger("befund.worklist")
 
@@ -26,16 +26,18 @@ class NodeWorklistSource:
         return study_detail(node.db, study_uid, node.config.settle_s)
 
     def key_image_png(self, study_uid: str) -> bytes | None:
+        """The key image of the run the worklist row shows, rendered from the pixels that run
+        analysed; None when a newer version of the image arrived since (a later run is due)."""
         node = current_node()
-        jobs = [j for j in node.db.jobs_of(study_uid) if j["state"] == "done" and j["result"]]
-        if not jobs:
+        job = lead_job(node.db.jobs_of(study_uid))
+        if job is None or job["state"] != "done" or not job["result"]:
             return None
-        job = max(jobs, key=lambda j: (json.loads(j["result"]).get("present") is True, j["id"]))
         result = json.loads(job["result"])
         card = next((c for c in node.cards
                      if c.name == job["model_name"] and c.version == job["model_version"]), None)
         keys = result.get("key_images") or []
-        instances = {r["sop_instance_uid"]: r for r in node.db.series_instances(job["series_uid"])}
+        instances = {r["sop_instance_uid"]: r for r in node.db.series_instances(job["series_uid"])
+                     if r["version"] == 1 or (r["received_at"] or 0) <= job["created_at"]}
         try:
             if result.get("heatmap"):
                 return self._heatmap_png(result["heatmap"], instances)

@@ -245,6 +245,10 @@ def case_second_part10_inside(ds):
     return raw[:meta_end(raw)] + raw
 
 
+def case_pixel_data_cut_short(ds):
+    return part10(ds)[:-100]  # the pixel data element says 100 bytes more than the data set holds
+
+
 def _edited(**changes):
     def build(ds):
         for keyword, value in changes.items():
@@ -263,6 +267,7 @@ REFUSED = {
     "random bytes as the data set": (case_garbage_dataset, "refused (0xC000)"),
     "element length beyond the end": (case_element_length_beyond_end, "refused (0xC000)"),
     "a whole Part 10 file inside the data set": (case_second_part10_inside, "refused (0xC000)"),
+    "pixel data element longer than the data set": (case_pixel_data_cut_short, "the file holds"),
     "no SOP Instance UID in the data set": (_edited(SOPInstanceUID=None), "SOP Instance UID is missing"),
     "no SOP Class UID in the data set": (_edited(SOPClassUID=None), "SOP Class UID is missing"),
     "data set is MR, the command says CT": (_edited(SOPClassUID=MRImageStorage), "refused (0xA900)"),
@@ -589,14 +594,32 @@ NOT_ANALYSABLE = {
     "a gap in the series": (gap, "slices are missing"),
     "two slices at one position": (duplicate_position, "same position"),
     "missing pixel data": (missing_pixel_data, "could not decode"),
-    "rows/columns inconsistent with pixel data": (rows_inconsistent, "could not decode"),
-    "pixel data shorter than declared": (pixel_data_too_short, "could not decode"),
-    "huge declared dimensions": (huge_dimensions, "could not decode"),
     "broken RLE frames": (broken_rle_frames, "could not decode"),
     "too few slices": (too_few_slices, "needs at least"),
     "sagittal, not axial": (not_axial, "not axial"),
-    "bits allocated inconsistent with pixel data": (wrong_bits_allocated, "could not decode"),
 }
+# Pixel data shorter than the header declares: refused at receive (0xC000), never acknowledged
+# and found broken when the series is analysed.
+SHORT_PIXEL_DATA = {
+    "rows/columns inconsistent with pixel data": rows_inconsistent,
+    "pixel data shorter than declared": pixel_data_too_short,
+    "huge declared dimensions": huge_dimensions,
+    "bits allocated inconsistent with pixel data": wrong_bits_allocated,
+}
+
+
+@pytest.mark.parametrize("case", list(SHORT_PIXEL_DATA))
+def test_instances_with_pixel_data_shorter_than_declared_are_refused_at_receive(node, series_template,
+                                                                               case):
+    listener, rec, _, log = node
+    series = SHORT_PIXEL_DATA[case](_fresh(series_template))
+    short = [ds.Rows * ds.Columns * ds.BitsAllocated // 8 > len(ds.PixelData) for ds in series]
+    assert any(short)
+    statuses = send_datasets(listener.port, series)
+    assert statuses == [0xC000 if s else 0x0000 for s in short]
+    stored = {i.sop_instance_uid for i in rec.instances}
+    assert all((ds.SOPInstanceUID in stored) != s for ds, s in zip(series, short, strict=True))
+    wait_until(lambda: "the pixel data hold" in log.text, what="the reason in the log")
 
 
 @pytest.mark.parametrize("case", list(NOT_ANALYSABLE))
@@ -626,5 +649,5 @@ def test_the_untouched_series_is_analysed(node, ich, series_template):
 
 
 def test_case_count_meets_the_promise():
-    cases = len(REFUSED) + len(NOT_ANALYSABLE) + 2 + 5 + 7  # negotiation, accepted, protocol
+    cases = len(REFUSED) + len(NOT_ANALYSABLE) + len(SHORT_PIXEL_DATA) + 2 + 5 + 7
     assert cases >= 30

@@ -104,7 +104,8 @@ def test_same_instances_again_start_no_new_run_but_late_ones_do(tmp_path, ich_ca
     for i in range(3):
         assert db.record_instance(instance(sop=f"1.2.3.1.{i}", assoc="a2")) is False
     db.record_association_end("a2", time.time() - 10)
-    db.request_run("1.2.3")
+    [answer] = watcher.request_run("1.2.3")  # the explicit trigger says why it starts nothing
+    assert not answer.runs and "run 1 (ich_ct" in answer.reason and "queued" in answer.reason
     watcher.tick(time.time())
     assert len(db.query("SELECT id FROM jobs")) == 1
     # A late instance: a new, versioned run.
@@ -122,3 +123,45 @@ def test_series_no_model_is_flagged_with_reason(tmp_path, ich_card):
     CompletionWatcher(db, [ich_card], 1, 30, on_jobs=lambda: None).tick(time.time())
     row = db.query_one("SELECT state, reason FROM series")
     assert row["state"] == "no_model" and "CHEST" in row["reason"]
+
+
+def test_a_new_version_of_an_instance_starts_a_new_run_and_force_runs_again(tmp_path, ich_card):
+    db = StateDB(tmp_path / "state.sqlite")
+    for i in range(3):
+        db.record_instance(instance(sop=f"1.2.3.1.{i}"))
+    db.record_association_end("a1", time.time() - 10)
+    watcher = CompletionWatcher(db, [ich_card], settle_s=1, quiet_s=30, on_jobs=lambda: None)
+    watcher.tick(time.time())
+    # Other content under a known SOP Instance UID: version 2, same count, a new run.
+    changed = instance(sop="1.2.3.1.1", assoc="a2", version=2,
+                       path=Path("/nonexistent") / "1.2.3.1.1.v2.dcm")
+    assert db.record_instance(changed) is True
+    assert db.indexed_instance("1.2.3.1.1").version == 2
+    assert db.record_instance(changed) is False  # the same version again changes nothing
+    db.record_association_end("a2", time.time() - 10)
+    watcher.tick(time.time())
+    runs = db.query("SELECT run, instance_count FROM jobs ORDER BY run")
+    assert runs == [{"run": 1, "instance_count": 3}, {"run": 2, "instance_count": 3}]
+    # A run still queued: asked again, it says so and starts nothing, even when forced.
+    [answer] = watcher.request_run("1.2.3", force=True)
+    assert not answer.runs and "run 2 (ich_ct" in answer.reason and "queued" in answer.reason
+    with db.transaction() as tx:
+        tx.execute("UPDATE jobs SET state='done'")
+    assert not watcher.request_run("1.2.3")[0].runs
+    assert watcher.request_run("1.2.3", force=True)[0].runs
+    watcher.tick(time.time())
+    assert [r["run"] for r in db.query("SELECT run FROM jobs ORDER BY run")] == [1, 2, 3]
+    assert watcher.request_run("1.9.9") is None  # an unknown study
+
+
+def test_the_same_sop_instance_uid_under_another_series_is_refused_and_moves_nothing(tmp_path):
+    from service.spool import InstanceElsewhere
+
+    db = StateDB(tmp_path / "state.sqlite")
+    db.record_instance(instance(sop="1.2.3.1.1"))
+    with pytest.raises(InstanceElsewhere):
+        db.record_instance(instance(sop="1.2.3.1.1", series="1.2.3.2", assoc="a2"))
+    assert db.query("SELECT series_uid, study_uid FROM instances") == [
+        {"series_uid": "1.2.3.1", "study_uid": "1.2.3"}]
+    assert db.query("SELECT series_uid, instance_count FROM series") == [
+        {"series_uid": "1.2.3.1", "instance_count": 1}]

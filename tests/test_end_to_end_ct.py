@@ -97,10 +97,10 @@ def test_resent_instances_start_no_new_run_and_late_ones_do(node, pacs, tmp_path
     assert run_storescu(first_part, ae="MODALITY", port=node.dicom_port).returncode == 0
     [first] = wait_for_srs(pacs, study_uid)
     node.wait_study_state(study_uid, {"delivered"})
-    # The same instances again, and an explicit trigger: no second run.
+    # The same instances again, and an explicit trigger: no second run, and it says why.
     assert run_storescu(first_part, ae="MODALITY", port=node.dicom_port).returncode == 0
-    status, _ = node.api(f"/studies/{study_uid}/run", method="POST")
-    assert status == 202
+    status, body = node.api(f"/studies/{study_uid}/run", method="POST")
+    assert status == 409 and "nothing new since run 1" in body["error"], body
     study = node.wait_study_state(study_uid, {"delivered"})
     assert [j["run"] for j in study["jobs"]] == [1]
     # Late instances of the same series: a second, versioned run with new UIDs.

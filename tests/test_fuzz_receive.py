@@ -57,19 +57,24 @@ class Receiver:
         before = self.files()
         try:
             inst = self.spool.store(source, calling_ae="FUZZ", peer_address="127.0.0.1",
-                                    association_id="fuzz")
+                                    association_id="fuzz", indexed=self.db.indexed_instance)
         except SpoolError:
             assert self.files() == before, "a refused instance left files behind"
             source.unlink()
             return
         assert isinstance(inst, StoredInstance)
+        if inst.unchanged:  # the same data set as the version already indexed: nothing written
+            assert self.files() == before and inst.path.read_bytes()[132:] != b""
+            source.unlink()
+            return
         root = self.spool.root.resolve()
         assert inst.path.resolve().parent.parent.parent == root, f"{inst.path} escapes the spool"
-        assert inst.path == root / inst.study_uid / inst.series_uid / f"{inst.sop_instance_uid}.dcm"
+        assert inst.path == self.spool.path_for(inst.study_uid, inst.series_uid, inst.sop_instance_uid,
+                                                inst.version)
         assert inst.path.read_bytes() == raw, "the stored file differs from what was received"
         assert self.files() - before <= {inst.path} and before - self.files() <= {source}
         assert not list(self.spool.root.glob("*/*/.*.tmp"))
-        self.db.record_instance(inst)
+        assert self.db.record_instance(inst) is True
         [series] = self.db.query("SELECT * FROM series WHERE series_uid=?", (inst.series_uid,))
         route = route_series(series, self.cards)
         assert route.cards or route.reason

@@ -223,6 +223,21 @@ def test_same_run_gives_same_sr_uids_whatever_the_date(ich_card):
     assert tracking[0] == tracking[1] != tracking[2]
 
 
+def test_a_later_run_names_the_sr_it_supersedes(ich_card):
+    headers = ct_headers()
+    first = build_result_sr(ich_card, _present_result(headers), headers, _uids(run=1), 1)
+    second = build_result_sr(ich_card, AnalysisResult.verdict(0.08, 0.5), headers, _uids(run=2), 2,
+                             supersedes=_uids(run=1))
+    assert "PredecessorDocumentsSequence" not in first
+    [study] = second.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == STUDY_UID
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    [sop] = series.ReferencedSOPSequence
+    assert (sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID) == (COMPREHENSIVE_3D_SR,
+                                                                         first.SOPInstanceUID)
+
+
 # --- content round trip -----------------------------------------------------------------------
 
 
@@ -343,9 +358,10 @@ def _all_srs(ich_card, tumor_card):
     slide_keys = (KeyImage(WSI_IMAGE, slide.SOPInstanceUID, 0.97, frame=12),)
     return {
         "present": build_result_sr(ich_card, _present_result(headers), headers, _uids(), 1),
-        "absent": build_result_sr(ich_card, AnalysisResult.verdict(0.08, 0.5), headers, _uids(run=2), 2),
+        "absent": build_result_sr(ich_card, AnalysisResult.verdict(0.08, 0.5), headers, _uids(run=2), 2,
+                                  supersedes=_uids(run=1)),
         "not_analysed": build_result_sr(ich_card, AnalysisResult.not_analysed("1 slice, needs 16"),
-                                        headers[:1], _uids(run=3), 3),
+                                        headers[:1], _uids(run=3), 3, supersedes=_uids(run=2)),
         "slide": build_result_sr(tumor_card, AnalysisResult.verdict(0.97, 0.5, key_images=slide_keys,
                                                                     measurements={"tumor_area_mm2": 3.25}),
                                  [slide], _uids(WSI_SERIES_UID, "tumor_wsi@1.0.0"), 1),
