@@ -149,7 +149,7 @@ class JobRunner:
                                   "meaning": card.finding.code.meaning}
             summary["priority"] = (card.postprocessing.priority_when_positive
                                    if result.present else "normal")
-        self.db.finish_job(job["id"], state, summary, error, self._deliveries(job, files))
+        self.db.finish_job(job["id"], state, summary, error, self._deliveries(job, files, result))
         name = card.name if card else job["model_name"]
         metrics.STAGE_SECONDS.labels(name, "encode").observe(encode_s)
         metrics.JOB_OUTCOMES.labels(name, state).inc()
@@ -163,10 +163,14 @@ class JobRunner:
                  f" ({result.reason})" if result.reason else "")
         self.on_queued()
 
-    def _deliveries(self, job: dict[str, Any], files: list[Path]) -> list[tuple[str, str, dict]]:
+    def _deliveries(self, job: dict[str, Any], files: list[Path],
+                    result: AnalysisResult) -> list[tuple[str, str, dict]]:
+        from service.delivery_rules import destinations_for, job_facts
+
         out: list[tuple[str, str, dict]] = []
         if files:
-            for dest in self.config.destinations:
+            facts = job_facts(self.db, job, result.analysed, result.present)
+            for dest in destinations_for(self.config.destinations, self.config.delivery_rules, facts):
                 out.append(("dicom", dest.name, {"files": [str(f) for f in files]}))
         if self.config.hl7.host and self.config.hl7.port:
             out.append(("hl7", f"{self.config.hl7.host}:{self.config.hl7.port}", {}))
