@@ -89,7 +89,7 @@ def _stack(image: Image.Image, caption: Image.Image) -> bytes:
     out.paste(image.convert("RGB"), (0, 0))
     out.paste(caption, (0, image.height))
     buffer = io.BytesIO()
-    out.save(buffer, format="PNG", optimize=True)
+    out.save(buffer, format="PNG", compress_level=3)  # 71 ms a key image here; optimize=True 126 ms
     return buffer.getvalue()
 
 

@@ -170,6 +170,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     for check in body["checks"]:
         print(f"{'ok  ' if check['ok'] else 'FAIL'}  {check['name']:<10}  {check['detail']}")
+    notice = (body.get("deliveries") or {}).get("notice")
+    if notice:
+        print(f"WARNING  {notice}")
     print("ready" if body["ready"] else "NOT READY" + ("" if body["alive"] else " (and not alive)"))
     return 0 if body["ready"] else 1
 

@@ -220,6 +220,10 @@ def test_admin_resends_and_discards_a_dead_letter_of_the_stroke_rule(page, site)
     kinds = {(d["destination"], d["state"]) for d in node.api(f"/studies/{pos}")[1]["deliveries"]}
     assert ("pacs", "delivered") in kinds and any(dest == "stroke" for dest, _ in kinds)
     assert {d["destination"] for d in node.api(f"/studies/{neg}")[1]["deliveries"]} == {"pacs"}
+    log = node.log_path.read_text(errors="replace")
+    assert "befund: results go to DICOM pacs = ORTHANC@127.0.0.1:" in log
+    assert "DICOM stroke = STROKE@127.0.0.1:" in log and "(finding present, modality CT)" in log
+    assert node.api("/status")[1]["deliveries"]["notice"] == ""
     dead = poll(lambda: node.api("/deliveries?state=dead")[1]["deliveries"], 60, 0.3, "a dead letter")
     assert [d["destination"] for d in dead] == ["stroke"] and dead[0]["study_uid"] == pos
     sign_in(page, node, "otto")
