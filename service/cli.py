@@ -143,30 +143,24 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Ask the running node's `GET /status` with the token from its config or var dir; print
-    each check. For a shell or a systemd health check on the node's own machine."""
-    import json
-    import urllib.error
-    import urllib.request
+    each check. For a shell or a systemd health check on the node's own machine. With
+    `--wait S`, ask once a second until the node is ready or S seconds have passed (a script
+    that starts the node waits for it this way)."""
+    import time
 
     config = _config(args)
-    token = config.stored_token()
     scheme = "https" if config.http_tls.enabled else "http"
     url = (args.url or f"{scheme}://127.0.0.1:{config.http_port}").rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--url must be an http:// or https:// address, not {url}")
-    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
-        f"{url}/status", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10,  # noqa: S310 - checked above
-                                    context=_node_tls_context(config)) as r:
-            body = json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        if e.code != 503:
-            print(f"befund: {url}/status answered {e.code}", file=sys.stderr)
-            return 2
-        body = json.loads(e.read())
-    except (urllib.error.URLError, OSError) as e:
-        print(f"befund: no answer from {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+    deadline = time.monotonic() + max(0.0, args.wait)
+    while True:
+        body, problem = _ask_status(config, url)
+        if (body is not None and body["ready"]) or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)  # poll interval under the --wait deadline
+    if body is None:
+        print(f"befund: {problem}", file=sys.stderr)
         return 2
     for check in body["checks"]:
         print(f"{'ok  ' if check['ok'] else 'FAIL'}  {check['name']:<10}  {check['detail']}")
@@ -175,6 +169,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"WARNING  {notice}")
     print("ready" if body["ready"] else "NOT READY" + ("" if body["alive"] else " (and not alive)"))
     return 0 if body["ready"] else 1
+
+
+def _ask_status(config: Config, url: str) -> tuple[dict | None, str]:
+    """(GET /status's body, "") or (None, why there is none). The token is read each time:
+    a node on its first start writes var/token only once it runs."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(  # noqa: S310 - the caller checked the scheme
+        f"{url}/status", headers={"Authorization": f"Bearer {config.stored_token()}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10,  # noqa: S310 - checked by the caller
+                                    context=_node_tls_context(config)) as r:
+            return json.loads(r.read()), ""
+    except urllib.error.HTTPError as e:
+        if e.code != 503:
+            return None, f"{url}/status answered {e.code}"
+        return json.loads(e.read()), ""
+    except (urllib.error.URLError, OSError) as e:
+        return None, f"no answer from {url}: {getattr(e, 'reason', e)}"
 
 
 def cmd_user(args: argparse.Namespace) -> int:
@@ -276,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=_Help)
     st.add_argument("--config", help=config_help)
     st.add_argument("--url", help="the node's HTTP address (default: http://127.0.0.1:<http_port>)")
+    st.add_argument("--wait", type=float, default=0.0,
+                    help="seconds to wait for the node to become ready (0: ask once)")
     st.set_defaults(func=cmd_status)
 
     us = sub.add_parser("user", help="add, list or disable the accounts that sign in to the worklist",
