@@ -162,6 +162,7 @@ def test_radiologist_reads_plain_words_and_acknowledges_a_flag_with_name_and_tim
         answer = page.request.post(node.url + path, headers={"Origin": node.url})
         assert answer.status == 403, path
     assert page.request.get(node.url + "/audit").status == 403
+    assert page.request.get(node.url + "/config").status == 403
     shot(page, "worklist-radiologist.png")
 
 
@@ -244,6 +245,9 @@ def test_admin_resends_and_discards_a_dead_letter_of_the_stroke_rule(page, site)
     page.wait_for_selector("#dead-letters", state="hidden", timeout=20_000)
     states = {d["id"]: d["state"] for d in node.api(f"/studies/{pos}")[1]["deliveries"]}
     assert states[dead[0]["id"]] == "discarded"
+    config = page.request.get(node.url + "/config").json()["config"]  # the admin's config view
+    assert config["token"] == "(set)" and node.config["token"] not in json.dumps(config)
+    assert [r["destination"] for r in config["delivery_rules"]] == ["stroke"]
     # An admin steers deliveries but does not acknowledge findings.
     answer = page.request.post(f"{node.url}/studies/{pos}/acknowledge", headers={"Origin": node.url})
     assert answer.status == 403
