@@ -174,3 +174,33 @@ def test_a_copied_checkout_reinstalls_its_own_code_before_it_runs(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "pip install -q --no-deps -e ." in dry.stdout and "-m pip" in dry.stdout
     assert dry.stdout.index("-e .") < dry.stdout.index("befund serve")
+
+
+@pytest.mark.skipif(not have_dcmtk() or not Path("/usr/sbin/Orthanc").exists(),
+                    reason="needs dcmtk and orthanc")
+def test_befund_status_during_the_demo_asks_the_demos_node_with_its_token(tmp_path):
+    """`make demo` in one terminal, `befund status` in another, same folder: it answers ready."""
+    http, dicom = distinct_free_ports(2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
+    env.update(BEFUND_HTTP_PORT=str(http), BEFUND_DICOM_PORT=str(dicom))
+    log = tmp_path / "demo.log"
+    with log.open("wb") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "service.demo", "--workdir", str(tmp_path / "demo")],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        poll(lambda: "befund status" in log.read_text(errors="replace") or demo.poll() is not None,
+             300, 0.5, "the demo's results")
+        assert demo.poll() is None, log.read_text(errors="replace")[-3000:]
+        status = subprocess.run([str(BEFUND), "status"], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.strip().endswith("ready")
+        assert (tmp_path / "var" / "token").exists()  # the demo's token, where befund status looks
+    finally:
+        demo.send_signal(signal.SIGTERM)  # stops befund and Orthanc, as Ctrl-C does
+        try:
+            demo.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(timeout=30)
