@@ -90,6 +90,37 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, next_attempt_at);
 """
 
+# The web side's records (service/users.py, service/audit_log.py, service/flag_reviews.py):
+# accounts, who looked at or acknowledged what, and reviews of flags. Rows hold no patient data.
+WEB_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    user TEXT NOT NULL, role TEXT NOT NULL,
+    action TEXT NOT NULL,
+    study_uid TEXT,
+    detail TEXT NOT NULL DEFAULT '',
+    address TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log(at);
+CREATE INDEX IF NOT EXISTS audit_log_study ON audit_log(study_uid);
+CREATE TABLE IF NOT EXISTS flag_reviews (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    action TEXT NOT NULL,
+    model TEXT, model_version TEXT, run INTEGER,
+    user TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flag_reviews_study ON flag_reviews(study_uid);
+"""
+
 JOB_ACTIVE = ("queued", "running")
 JOB_FINAL = ("done", "not_analysed", "failed")
 
@@ -112,6 +143,7 @@ class StateDB:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        self._db.executescript(WEB_SCHEMA)
         self._migrate()
         self._migrate_jobs()
 
@@ -458,6 +490,24 @@ class StateDB:
                 (time.time(), delivery_id))
             return cur.rowcount == 1
 
+    def discard_delivery(self, delivery_id: int) -> bool:
+        """An admin gives up on a dead (or still pending) delivery: it is never sent."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE outbox SET state='discarded' WHERE id=? AND state IN ('dead','pending')",
+                (delivery_id,))
+            return cur.rowcount == 1
+
+    def deliveries_in_state(self, state: str, limit: int = 500) -> list[dict[str, Any]]:
+        """Outbox rows in one state with their study (the dead-letter view), oldest first."""
+        return self.query(
+            """SELECT o.id, o.job_id, o.kind, o.destination, o.state, o.attempts, o.last_error,
+                      o.created_at, o.next_attempt_at, j.study_uid, j.model_name, j.run,
+                      s.accession
+               FROM outbox o JOIN jobs j ON j.id=o.job_id
+               LEFT JOIN studies s ON s.study_uid=j.study_uid
+               WHERE o.state=? ORDER BY o.id LIMIT ?""", (state, limit))
+
     # --- retention -----------------------------------------------------------------------
 
     def series_due_for_purge(self, done_before: float) -> list[str]:
@@ -475,7 +525,8 @@ class StateDB:
                  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid=s.series_uid
                                  AND j.state IN ('queued', 'running'))
                  AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON j.id=o.job_id
-                                 WHERE j.series_uid=s.series_uid AND o.state != 'delivered')
+                                 WHERE j.series_uid=s.series_uid
+                                   AND o.state NOT IN ('delivered', 'discarded'))
                  AND (s.state != 'routed'
                       OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid=s.series_uid))
             """, ())
