@@ -38,3 +38,11 @@ NODE_CHECK = Gauge("befund_node_check_ok", "1 while this part of the node works"
                    multiprocess_mode="livemax")
 SPOOL_FREE_BYTES = Gauge("befund_spool_free_bytes", "Free bytes on the spool's file system",
                          multiprocess_mode="livemax")
+# The DICOM listener's door (service/connection_gate.py); label values come from fixed tables.
+DICOM_CONNECTIONS_DROPPED = Counter(
+    "befund_dicom_connections_dropped_total",
+    "DICOM connections closed before an association: per-address limit, no A-ASSOCIATE-RQ in time, "
+    "TLS handshake failed, closed before a request", ["reason"])
+PROTOCOL_ERRORS = Counter(
+    "befund_protocol_errors_total", "DICOM PDUs answered with an A-ABORT: too long, unknown or out of place",
+    ["pdu", "kind"])
