@@ -91,6 +91,9 @@ class RunningNode:
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
         env["BEFUND_LOG_LEVEL"] = "INFO"
+        # BentoML empties its Prometheus multiprocess dir (under BENTOML_HOME) whenever a node
+        # starts: with a shared one, another node's start wipes this node's counters.
+        env["BENTOML_HOME"] = str(self.workdir / "bentoml")
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(BEFUND), "serve", "--config", str(self.config_path), "--host", "127.0.0.1"],
