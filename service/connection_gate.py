@@ -204,7 +204,7 @@ class ConnectionGate:
         """Count and log (rate-limited) a PDU answered with an A-ABORT."""
         name = PDU_NAMES.get(pdu_type, "unknown")
         metrics.PROTOCOL_ERRORS.labels(name, kind).inc()
-        self.peer_log.warning(address, f"protocol:{kind}",
+        self.peer_log.warning(address, f"protocol:{name}:{kind}",
                               "protocol error from %s: %s (type 0x%02X) declaring %d bytes: %s; aborted",
                               address, name, pdu_type, length, what)
 

@@ -103,6 +103,7 @@ def test_twenty_huge_pdu_lengths_at_once_cost_no_memory_and_a_good_study_comes_b
             study_uid = good.result(timeout=300)
         wait_for_sr(node, pacs, study_uid)
         growth = max(rss_bytes(pid) - rss_before, vm_hwm_bytes(pid) - hwm_before)
+        print(f"gateway RSS/peak growth under attack: {growth / 1e6:.1f} MB")
         assert growth < RSS_GROWTH_LIMIT, f"the gateway grew by {growth / 1e6:.0f} MB"
         assert metric(node, "befund_protocol_errors_total", pdu="A-ASSOCIATE-RQ", kind="too_long") == 20
         assert metric(node, "befund_protocol_errors_total", pdu="P-DATA-TF", kind="too_long") == 20
