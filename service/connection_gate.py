@@ -12,8 +12,8 @@ allow-list, so until then it may cost the node only what these limits allow:
   (TLS: after `tls.handshake_timeout_s` for the handshake). Until then it is read here, in the
   connection's own thread, and takes no slot of `max_associations`: pynetdicom only sees it,
   with the request pushed back in front of the socket, once the request is complete;
-- an A-ASSOCIATE-RQ longer than `max_associate_rq_bytes`, a first PDU that is not one, and
-  unknown PDU types are protocol errors;
+- an A-ASSOCIATE-RQ longer than `max_associate_rq_bytes` or that pynetdicom cannot decode,
+  a first PDU that is not one, and unknown PDU types are protocol errors;
 - the kernel queues `listen_backlog` connections before accept (socketserver's default is 5,
   less than one PACS opening associations in a burst).
 
@@ -38,6 +38,8 @@ from collections.abc import Callable
 
 import pynetdicom
 from pynetdicom import transport
+from pynetdicom.pdu import A_ASSOCIATE_RQ as A_ASSOCIATE_RQ_PDU
+from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from service import metrics
@@ -58,6 +60,11 @@ HEADER = struct.Struct(">BxL")  # PDU type, reserved, length of what follows
 ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
+
+
+SUPPORTED_PROTOCOL_VERSION = 0x0001
+# A-ASSOCIATE-RJ: rejected permanent, by the service provider (ACSE), protocol version not supported
+REJECT_PROTOCOL_VERSION = struct.pack(">BBLBBBB", A_ASSOCIATE_RJ, 0, 4, 0, 0x01, 0x02, 0x02)
 
 
 def abort_pdu(reason: int) -> bytes:
@@ -174,7 +181,19 @@ class ConnectionGate:
         if body is None:
             metrics.DICOM_CONNECTIONS_DROPPED.labels("closed_before_request").inc()
             return None
-        return header + body
+        request = header + body
+        decoded = _decoded(request)
+        if decoded is None:
+            self.protocol_error(address, pdu_type, length, "malformed", "cannot be decoded")
+            _send_quietly(sock, abort_pdu(ABORT_INVALID_PARAMETER))
+            return None
+        if decoded.protocol_version != SUPPORTED_PROTOCOL_VERSION:
+            self.protocol_error(address, pdu_type, length, "unsupported_version",
+                                f"protocol version {decoded.protocol_version} is not supported",
+                                answer="rejected")
+            _send_quietly(sock, REJECT_PROTOCOL_VERSION)
+            return None
+        return request
 
     def _refuse_first_pdu(self, sock: socket.socket, address: str, pdu_type: int, length: int) -> None:
         if pdu_type not in PDU_NAMES:
@@ -200,13 +219,14 @@ class ConnectionGate:
         metrics.DICOM_CONNECTIONS_DROPPED.labels(reason).inc()
         self.peer_log.warning(address, reason, message, *args)
 
-    def protocol_error(self, address: str, pdu_type: int, length: int, kind: str, what: str) -> None:
-        """Count and log (rate-limited) a PDU answered with an A-ABORT."""
+    def protocol_error(self, address: str, pdu_type: int, length: int, kind: str, what: str,
+                       answer: str = "aborted") -> None:
+        """Count and log (rate-limited) a PDU answered with an A-ABORT (or an A-ASSOCIATE-RJ)."""
         name = PDU_NAMES.get(pdu_type, "unknown")
         metrics.PROTOCOL_ERRORS.labels(name, kind).inc()
         self.peer_log.warning(address, f"protocol:{name}:{kind}",
-                              "protocol error from %s: %s (type 0x%02X) declaring %d bytes: %s; aborted",
-                              address, name, pdu_type, length, what)
+                              "protocol error from %s: %s (type 0x%02X) declaring %d bytes: %s; %s",
+                              address, name, pdu_type, length, what, answer)
 
     # -- inside the association --------------------------------------------------------------
     def max_pdu_length(self, pdu_type: int) -> int | None:
@@ -220,10 +240,21 @@ class ConnectionGate:
         return None
 
     def guard(self, assoc) -> None:
-        """Check every PDU header of the accepted association `assoc` before its body is read:
-        wraps the DUL's `_read_pdu_data` (whatever reader is installed there)."""
+        """Check every PDU header of the accepted association `assoc` before its body is read
+        (wraps the DUL's `_read_pdu_data`, whatever reader is installed there), and turn an
+        exception in its state machine into an orderly abort (wraps `do_action`)."""
         dul = assoc.dul
-        dul._read_pdu_data = _GuardedReader(self, dul, dul._read_pdu_data, _peer_address(assoc))
+        address = _peer_address(assoc)
+        dul._read_pdu_data = _GuardedReader(self, dul, dul._read_pdu_data, address)
+        dul.state_machine.do_action = _GuardedStateMachine(self, dul, dul.state_machine.do_action, address)
+
+    def unhandled(self, address: str, event: str, exc: Exception) -> None:
+        """Count and log (rate-limited) what pynetdicom's state machine failed on."""
+        name = _EVENT_PDU.get(event, "none")
+        metrics.PROTOCOL_ERRORS.labels(name, "unhandled").inc()
+        self.peer_log.warning(address, f"protocol:{name}:unhandled",
+                              "protocol error from %s: pynetdicom could not handle %s (%s, %s); aborted",
+                              address, name, event, type(exc).__name__)
 
 
 class _GuardedReader:
@@ -250,6 +281,9 @@ class _GuardedReader:
                 return
         setattr(assoc_socket, PUSHBACK_ATTR, bytes(header) + bytes(getattr(assoc_socket, PUSHBACK_ATTR, b"")))
         self._read_pdu_data()
+        events = self._dul.event_queue.queue
+        if len(header) == HEADER.size and events and events[-1] == "Evt19":  # pynetdicom could not decode it
+            self._gate.protocol_error(self._address, pdu_type, length, "malformed", "cannot be decoded")
 
     def _abort(self, assoc_socket, pdu_type: int, length: int, limit: int | None) -> None:
         if limit is None:
@@ -265,6 +299,42 @@ class _GuardedReader:
         # Evt17 (transport closed): pynetdicom issues the A-P-ABORT indication and ends the
         # association; nothing more is read from a peer that declared what it may not send.
         assoc_socket.close()
+
+
+_EVENT_PDU = {"Evt3": "A-ASSOCIATE-AC", "Evt4": "A-ASSOCIATE-RJ", "Evt6": "A-ASSOCIATE-RQ",
+              "Evt10": "P-DATA-TF", "Evt12": "A-RELEASE-RQ", "Evt13": "A-RELEASE-RP", "Evt16": "A-ABORT"}
+
+
+class _GuardedStateMachine:
+    """Stands in for `StateMachine.do_action` of one accepted association.
+
+    pynetdicom's state machine raises out of the DUL thread on some malformed messages (a
+    command set without CommandField) and on some event orders (a release answer after an
+    abort): the thread dies with a traceback in the log, no A-ABORT is sent and the
+    association's end is never reported. Here such an exception ends the association as an
+    abort would: A-ABORT to the peer, A-P-ABORT to the association, the connection closed.
+    """
+
+    def __init__(self, gate: ConnectionGate, dul, do_action, address: str) -> None:
+        self._gate = gate
+        self._dul = dul
+        self._do_action = do_action
+        self._address = address
+
+    def __call__(self, event: str) -> None:
+        try:
+            self._do_action(event)
+        except Exception as exc:  # noqa: BLE001 - any failure ends the association, below
+            self._gate.unhandled(self._address, event, exc)
+            dul = self._dul
+            dul.kill_dul()
+            assoc_socket = dul.socket
+            if assoc_socket is not None and assoc_socket.socket is not None:
+                _send_quietly(assoc_socket.socket, abort_pdu(0x00))
+                assoc_socket.close()
+            primitive = A_P_ABORT()
+            primitive.provider_reason = 0x00
+            dul.to_user_queue.put(primitive)
 
 
 class _PushbackSocket(transport.AssociationSocket):
@@ -380,6 +450,20 @@ def _recv_before(sock: socket.socket, n: int, deadline: float) -> bytes | None:
         got += k
     view.release()
     return bytes(buf)
+
+
+def _decoded(request: bytes) -> A_ASSOCIATE_RQ_PDU | None:
+    """`request` as pynetdicom decodes it, None if it cannot be turned into an A-ASSOCIATE
+    indication. Such a request, or one of an unsupported protocol version, would leave its
+    association waiting for the indication until `acse_timeout`, holding a slot of
+    `max_associations` after the connection has gone."""
+    try:
+        pdu = A_ASSOCIATE_RQ_PDU()
+        pdu.decode(request)
+        pdu.to_primitive()
+    except Exception:  # noqa: BLE001 - whatever pynetdicom's decoder raises, the request is refused
+        return None
+    return pdu
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -124,6 +124,10 @@ class DicomListener:
         ae.maximum_pdu_size = self.config.max_pdu
         ae.maximum_associations = self.config.max_associations
         ae.network_timeout = self.config.network_timeout_s
+        # An accepted association waits this long for its A-ASSOCIATE indication, and after an
+        # abort or release for the peer to close (ARTIM), holding a slot of max_associations
+        # (pynetdicom's default: 30 s). The connection gate has read the request already.
+        ae.acse_timeout = self.config.association_request_timeout_s
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)

@@ -16,7 +16,11 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    interplay costs ~40 ms per response) and bigger socket buffers.
 4. `AssociationSocket.recv` reads in 4 KiB pieces and grows a bytearray; we read a PDU with
    `recv_into` on a preallocated buffer.
-5. pynetdicom logs every PDU at DEBUG: its logger is set to WARNING.
+5. pynetdicom logs every PDU at DEBUG: its logger is set to WARNING. It also logs every
+   malformed PDU or message a peer sends as an error with a traceback, so one host could fill
+   the disk: those loggers pass each message at most once a minute, without tracebacks
+   (`PeerErrorLogFilter`); befund logs its own line per refusal, rate-limited per peer
+   address (service/connection_gate.py).
 6. Thread hand-offs. pynetdicom passes every decoded message from the DUL thread to the
    association thread through a queue that thread polls every 1 ms, and the response back
    through another queue the DUL thread polls every 1 ms. On our shared 2-core machine each
@@ -156,6 +160,37 @@ def check_compatible() -> None:
         problems.append("the DUL no longer reads only when its socket is ready")
     if problems:
         raise RuntimeError("pynetdicom internals changed: " + "; ".join(problems))
+
+
+PEER_ERROR_LOGGERS = ("pynetdicom.dul", "pynetdicom.fsm", "pynetdicom.dimse", "pynetdicom.dimse_messages",
+                      "pynetdicom.association", "pynetdicom.acse")
+
+
+class PeerErrorLogFilter(logging.Filter):
+    """Lets each pynetdicom message through at most once per `interval_s`, without its
+    traceback; `LOGGER.exception(exc)` records (the traceback alone) are dropped."""
+
+    MAX_KEYS = 256
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self._interval = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str):
+            return False
+        record.exc_info = record.exc_text = record.stack_info = None
+        key = (record.name, record.msg[:24])  # f-strings carry numbers a peer chose
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self._interval) < self._interval:
+                return False
+            if len(self._last) >= self.MAX_KEYS:
+                self._last.clear()
+            self._last[key] = now
+        return True
 
 
 def _incoming_ntf(*args, **kwargs):
@@ -459,6 +494,9 @@ def apply() -> None:
         dimse_messages.NamedTemporaryFile = _incoming_ntf
         transport.AssociationSocket.recv = _recv_exact
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        peer_errors = PeerErrorLogFilter()
+        for name in PEER_ERROR_LOGGERS:
+            logging.getLogger(name).addFilter(peer_errors)
         dul.time = _SocketWaitTime()
         dimse_messages.create_file_meta = encode_file_meta
         dimse_messages.write_file_meta_info = _write_file_meta_info
