@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -149,6 +150,43 @@ def test_a_first_pdu_that_is_not_an_associate_rq_is_aborted(listener, first, rea
         sock.sendall(first)
         assert raw.abort_reason(raw.read_pdu(sock)) == reason
     assert protocol_errors(*metric) == before + 1
+
+
+def test_requests_pynetdicom_would_not_answer_hold_no_association_slot(listener, caplog):
+    lst, _ = listener(max_associations=2)
+    garbage = raw.pdu(raw.A_ASSOCIATE_RQ, b"\x00\x01\x00\x00" + b"\xee" * 200)  # items that do not parse
+    version_2 = bytearray(raw.associate_rq())
+    version_2[6:8] = b"\x00\x02"
+    before = protocol_errors("A-ASSOCIATE-RQ", "malformed")
+    for _ in range(3):
+        with raw.connect(lst.port, ATTACKER) as sock:
+            sock.sendall(garbage)
+            assert raw.abort_reason(raw.read_pdu(sock)) == ABORT_INVALID_PARAMETER
+        with raw.connect(lst.port, ATTACKER) as sock:
+            sock.sendall(bytes(version_2))
+            assert raw.read_pdu(sock) == (raw.A_ASSOCIATE_RJ, b"\x00\x01\x02\x02")  # protocol version
+    assert protocol_errors("A-ASSOCIATE-RQ", "malformed") == before + 3
+    result = run_echoscu(port=lst.port, timeout=20)  # no slot is left held by the six
+    assert result.returncode == 0, result.output
+    assert "Traceback" not in caplog.text
+
+
+def test_a_message_pynetdicom_fails_on_ends_the_association_as_an_abort(listener, caplog):
+    lst, rec = listener()
+    uid = raw.VERIFICATION.encode() + b"\x00"
+    no_command_field = struct.pack("<HHLL", 0, 0, 4, 8 + len(uid)) + struct.pack("<HHL", 0, 2, len(uid)) + uid
+    before = protocol_errors("P-DATA-TF", "unhandled")
+    for _ in range(3):
+        with raw.associate(lst.port, ATTACKER) as sock:
+            sock.sendall(raw.p_data(1, no_command_field))
+            assert raw.abort_reason(raw.read_pdu(sock)) == (2, 0)
+            assert raw.read_pdu(sock) is None
+    wait_until(lambda: len(rec.ends) == 3)  # each end reported, as for any abort
+    assert protocol_errors("P-DATA-TF", "unhandled") == before + 3
+    lines = [r.getMessage() for r in caplog.records if "could not handle" in r.getMessage()]
+    assert lines == [f"protocol error from {ATTACKER}: pynetdicom could not handle P-DATA-TF "
+                     "(Evt10, AttributeError); aborted"]  # the other two within the log interval
+    assert "Traceback" not in caplog.text
 
 
 def test_silent_connections_take_no_association_slot(listener):
