@@ -147,25 +147,19 @@ class ConnectionGate:
             else:
                 self._open.pop(address, None)
 
-    def open_connections(self, address: str) -> int:
-        with self._lock:
-            return self._open.get(address, 0)
-
     # -- before the association --------------------------------------------------------------
     def read_associate_rq(self, sock: socket.socket, address: str) -> bytes | None:
         """The peer's first PDU, a whole A-ASSOCIATE-RQ, read under the request deadline and
         within `max_associate_rq_bytes`; None if the connection is to be closed (already
         answered with an A-ABORT where one is due, logged and counted)."""
         deadline = time.monotonic() + self.config.association_request_timeout_s
+        closed = metrics.DICOM_CONNECTIONS_DROPPED.labels("closed_before_request")
         try:
             header = _recv_before(sock, HEADER.size, deadline)
-            if header is None:
-                metrics.DICOM_CONNECTIONS_DROPPED.labels("closed_before_request").inc()
+            if header is None or header[0] == A_ABORT:
+                closed.inc()
                 return None
             pdu_type, length = HEADER.unpack(header)
-            if pdu_type == A_ABORT:
-                metrics.DICOM_CONNECTIONS_DROPPED.labels("closed_before_request").inc()
-                return None
             if pdu_type != A_ASSOCIATE_RQ or length > self.config.max_associate_rq_bytes:
                 self._refuse_first_pdu(sock, address, pdu_type, length)
                 return None
@@ -176,10 +170,10 @@ class ConnectionGate:
                          "(association_request_timeout_s)", address,
                          self.config.association_request_timeout_s)
             return None
-        except OSError:
+        except OSError:  # reset by the peer
             body = None
         if body is None:
-            metrics.DICOM_CONNECTIONS_DROPPED.labels("closed_before_request").inc()
+            closed.inc()
             return None
         request = header + body
         decoded = _decoded(request)

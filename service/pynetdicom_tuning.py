@@ -162,8 +162,11 @@ def check_compatible() -> None:
         raise RuntimeError("pynetdicom internals changed: " + "; ".join(problems))
 
 
-PEER_ERROR_LOGGERS = ("pynetdicom.dul", "pynetdicom.fsm", "pynetdicom.dimse", "pynetdicom.dimse_messages",
-                      "pynetdicom.association", "pynetdicom.acse")
+# The modules that decode what a peer sends (not ae/transport: set-up and connecting; not
+# events/service_class: exceptions in befund's own handlers, whose tracebacks matter).
+PEER_ERROR_LOGGERS = tuple(f"pynetdicom.{name}" for name in (
+    "acse", "association", "dimse", "dimse_messages", "dimse_primitives", "dsutils", "dul", "fsm",
+    "pdu", "pdu_items", "pdu_primitives", "presentation", "utils"))
 
 
 class PeerErrorLogFilter(logging.Filter):
