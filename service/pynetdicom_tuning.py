@@ -16,7 +16,10 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    interplay costs ~40 ms per response) and bigger socket buffers.
 4. `AssociationSocket.recv` reads in 4 KiB pieces and grows a bytearray; we read a PDU with
    `recv_into` on a preallocated buffer.
-5. pynetdicom logs every PDU at DEBUG: its logger is set to WARNING. It also logs every
+5. pynetdicom logs every PDU at DEBUG through handlers it binds to every association
+   (`_config.LOG_HANDLER_LEVEL`): they are not bound (their work was thrown away at our log
+   level, and they raise, with a traceback in the log, on malformed PDUs), and its logger is
+   set to WARNING. It also logs every
    malformed PDU or message a peer sends as an error with a traceback, so one host could fill
    the disk: those loggers pass each message at most once a minute, without tracebacks
    (`PeerErrorLogFilter`); befund logs its own line per refusal, rate-limited per peer
@@ -120,6 +123,8 @@ def check_compatible() -> None:
     problems = []
     if not pynetdicom.__version__.startswith(TESTED_VERSIONS):
         problems.append(f"pynetdicom {pynetdicom.__version__} is untested (tested: {TESTED_VERSIONS})")
+    if getattr(_config, "LOG_HANDLER_LEVEL", None) not in ("standard", "none"):
+        problems.append("_config.LOG_HANDLER_LEVEL is gone")
     if not hasattr(_config, "STORE_RECV_CHUNKED_DATASET"):
         problems.append("_config.STORE_RECV_CHUNKED_DATASET is gone")
     if getattr(dimse_messages, "NamedTemporaryFile", None) not in (_original_ntf, _incoming_ntf):
@@ -496,6 +501,7 @@ def apply() -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
         dimse_messages.NamedTemporaryFile = _incoming_ntf
         transport.AssociationSocket.recv = _recv_exact
+        _config.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         peer_errors = PeerErrorLogFilter()
         for name in PEER_ERROR_LOGGERS:

@@ -147,6 +147,8 @@ def target(tmp_path_factory):
         t = Target(node, tmp_path_factory.mktemp("good-sender"))
         yield t
         t.check()
+        log = node.log_path.read_text(errors="replace")
+        assert "Traceback" not in log, "a peer made the node log a traceback"
         print(f"\nnetwork fuzz: {t.cases} cases, {t.good_sends} good C-STOREs, answers {t.answers}, "
               f"gateway RSS growth {(rss_bytes(t.pid) - t.rss_before) / 1e6:.1f} MB")
 
