@@ -123,6 +123,12 @@ class Config:
     max_associations: int = 32
     max_pdu: int = 262144
     network_timeout_s: float = 60.0  # an association silent this long (e.g. stalled mid-transfer) is dropped
+    # Before an association (service/connection_gate.py): what one host can make the listener hold.
+    association_request_timeout_s: float = 5.0  # a new connection must send its whole A-ASSOCIATE-RQ by then
+    max_associate_rq_bytes: int = 256 * 1024  # a longer A-ASSOCIATE-RQ is a protocol error (A-ABORT)
+    max_connections_per_address: int = 16  # open DICOM connections from one address, associated or not
+    listen_backlog: int = 128  # connections the kernel queues until they are accepted
+    peer_log_interval_s: float = 10.0  # one log line per peer address and kind of refusal in this time
     max_instance_bytes: int = 8 * 1024**3
     min_free_bytes: int = 1024**3
     retention_hours: float = 168.0
@@ -305,6 +311,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         check_rules(cfg.destinations, cfg.delivery_rules)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    _check_network_limits(cfg)
     return cfg
 
 
@@ -337,3 +344,11 @@ def _check_http(cfg: Config) -> None:
                  "http_max_target_bytes", "http_max_header_bytes"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be greater than 0, not {getattr(cfg, name)}")
+
+
+def _check_network_limits(cfg: Config) -> None:
+    """Every network limit bounds something a peer controls: none may be zero (unbounded)."""
+    for name in ("max_pdu", "max_associate_rq_bytes", "max_connections_per_address", "listen_backlog",
+                 "association_request_timeout_s", "max_associations"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be greater than 0 (0 would leave what a peer sends unbounded)")

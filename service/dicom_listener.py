@@ -31,6 +31,7 @@ from pynetdicom.sop_class import Verification
 
 from service import pynetdicom_tuning
 from service.config import Config
+from service.connection_gate import ConnectionGate, start_server
 from service.incoming_files import IncomingFile, IncomingFiles, SpaceGuard
 from service.spool import (
     IncompletePixelData,
@@ -54,8 +55,9 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised
+# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling / called AE title not recognised
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 
 # Lossless compressed syntaxes first (accepted as proposed, no decompression by the sender),
 # then the uncompressed ones, then everything else (lossy only when the sender offers nothing
@@ -124,6 +126,7 @@ class DicomListener:
         self._tls_server = None
         self._ae: AE | None = None
         self._incoming: IncomingFiles | None = None
+        self._gate: ConnectionGate | None = None
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
 
@@ -136,10 +139,16 @@ class DicomListener:
         # data included. The spool validates what it relies on (UIDs) itself.
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         self.spool.sweep_tmp()
+        if self.config.max_pdu <= 0:
+            raise ValueError("max_pdu must be greater than 0: it bounds every P-DATA-TF a peer may send")
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu
         ae.maximum_associations = self.config.max_associations
         ae.network_timeout = self.config.network_timeout_s
+        # An accepted association waits this long for its A-ASSOCIATE indication, and after an
+        # abort or release for the peer to close (ARTIM), holding a slot of max_associations
+        # (pynetdicom's default: 30 s). The connection gate has read the request already.
+        ae.acse_timeout = self.config.association_request_timeout_s
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
@@ -158,13 +167,14 @@ class DicomListener:
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
         self._ae = ae
-        self._server = pynetdicom_tuning.start_server(
-            ae, (self.config.dicom_host, self.config.dicom_port), handlers)
+        self._gate = ConnectionGate(self.config)
+        self._server = start_server(ae, (self.config.dicom_host, self.config.dicom_port), handlers,
+                                    self._gate)
         LOG.info("listening as %s on %s:%d", self.config.ae_title, self.config.dicom_host, self.port)
         if self.config.tls.enabled:
-            self._tls_server = pynetdicom_tuning.start_tls_server(
-                ae, (self.config.dicom_host, self.config.tls.port), server_tls_context(self.config),
-                handlers, self.config.tls.handshake_timeout_s, _log_handshake_failure)
+            self._tls_server = start_server(
+                ae, (self.config.dicom_host, self.config.tls.port), handlers, self._gate,
+                ssl_context=server_tls_context(self.config), name="dicom-tls-accept")
             LOG.info("listening with DICOM TLS on %s:%d (client certificate %s)", self.config.dicom_host,
                      self.tls_port, "required" if self.config.tls.require_client_cert else "optional")
 
@@ -206,15 +216,25 @@ class DicomListener:
             # pynetdicom's idle timer never fires: the socket's own timeout drops it instead.
             sock.settimeout(self.config.network_timeout_s)
         pynetdicom_tuning.inline_store_requests(event.assoc)
+        self._gate.guard(event.assoc)  # after the reader above: it checks each PDU header first
 
     def _on_requested(self, event) -> None:
-        """Refuse callers not on the allow-list before anything is negotiated."""
+        """Refuse callers not on the allow-list, and requests for another AE title, before
+        anything is negotiated."""
         ae_title = _calling_ae(event)
         address = event.assoc.requestor.address
+        called = str(event.assoc.requestor.primitive.called_ae_title or "").strip()
         if not self.config.is_allowed(ae_title, address):
             LOG.warning("rejected association from %r at %s: not on the allow-list", ae_title, address)
-            event.assoc.acse.send_reject(*REJECT_CALLING_AE)
-            event.assoc.kill()  # as pynetdicom's own rejections do: wait until the RJ is sent
+            reject = REJECT_CALLING_AE
+        elif called != self.config.ae_title.strip():
+            LOG.warning("rejected association from %r at %s: called AE title %r is not this node's (%s)",
+                        ae_title, address, called[:16], self.config.ae_title)
+            reject = REJECT_CALLED_AE
+        else:
+            return
+        event.assoc.acse.send_reject(*reject)
+        event.assoc.kill()  # as pynetdicom's own rejections do: wait until the RJ is sent
 
     def _on_accepted(self, event) -> None:
         record = _Association(uuid.uuid4().hex, _calling_ae(event), event.assoc.requestor.address)
@@ -342,11 +362,6 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
         ctx.load_verify_locations(tls.ca)
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return ctx
-
-
-def _log_handshake_failure(address, exc: Exception) -> None:
-    reason = "no handshake before the timeout" if isinstance(exc, TimeoutError) else str(exc)[:200]
-    LOG.warning("TLS connection from %s dropped: %s", address[0] if address else "?", reason)
 
 
 def _calling_ae(event) -> str:

@@ -53,3 +53,11 @@ HTTP_REFUSED = Counter("befund_http_refused_total",
 JOB_ATTEMPT_FAILURES = Counter(
     "befund_job_attempt_failures_total", "Job attempts that failed, by the stage they failed in",
     ["stage"])
+# The DICOM listener's door (service/connection_gate.py); label values come from fixed tables.
+DICOM_CONNECTIONS_DROPPED = Counter(
+    "befund_dicom_connections_dropped_total",
+    "DICOM connections closed before an association: per-address limit, no A-ASSOCIATE-RQ in time, "
+    "TLS handshake failed, closed before a request", ["reason"])
+PROTOCOL_ERRORS = Counter(
+    "befund_protocol_errors_total", "DICOM PDUs answered with an A-ABORT: too long, unknown or out of place",
+    ["pdu", "kind"])

@@ -17,7 +17,14 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    interplay costs ~40 ms per response) and bigger socket buffers.
 4. `AssociationSocket.recv` reads in 4 KiB pieces and grows a bytearray; we read a PDU with
    `recv_into` on a preallocated buffer.
-5. pynetdicom logs every PDU at DEBUG: its logger is set to WARNING.
+5. pynetdicom logs every PDU at DEBUG through handlers it binds to every association
+   (`_config.LOG_HANDLER_LEVEL`): they are not bound (their work was thrown away at our log
+   level, and they raise, with a traceback in the log, on malformed PDUs), and its logger is
+   set to WARNING. It also logs every
+   malformed PDU or message a peer sends as an error with a traceback, so one host could fill
+   the disk: those loggers pass each message at most once a minute, without tracebacks
+   (`PeerErrorLogFilter`); befund logs its own line per refusal, rate-limited per peer
+   address (service/connection_gate.py).
 6. Thread hand-offs. pynetdicom passes every decoded message from the DUL thread to the
    association thread through a queue that thread polls every 1 ms, and the response back
    through another queue the DUL thread polls every 1 ms. On our shared 2-core machine each
@@ -39,11 +46,17 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
    (`encode_file_meta`, `encode_command_set`); anything they do not cover falls back to
    pydicom. Tests compare their bytes with pydicom's.
 
-8. TLS handshakes off the accept path. pynetdicom's server wraps each accepted socket with
+8. Nothing a peer can stall runs on the accept path, and nothing a peer declares sizes a
+   buffer unchecked. pynetdicom's server wraps each accepted socket with
    `SSLContext.wrap_socket` inside `get_request`, i.e. in the one thread that accepts: a
-   client that connects and never speaks blocks every later TLS connection. Our
-   `HandshakeInThreadServer` accepts the plain socket and does the handshake in the
-   connection's own thread, under a timeout, before pynetdicom sees the socket.
+   client that connects and never speaks blocks every later TLS connection; and it reads
+   whatever PDU length a peer declares. service/connection_gate.py's server accepts the plain
+   socket, does the TLS handshake and reads the A-ASSOCIATE-RQ in the connection's own
+   thread under a deadline and a size bound, and only then hands the socket to pynetdicom
+   (the request pushed back, see `PUSHBACK_ATTR`); it also checks every later PDU header.
+   `_recv_exact` itself preallocates at most `RECV_PREALLOC_BYTES` and grows only as bytes
+   arrive, so even an unchecked length (an association we requested, to a PACS) costs only
+   what the peer actually sends.
 
 9. The C-STORE response. pynetdicom turns the response primitive into a DIMSE message (a
    pydicom Dataset), that into a P-DATA primitive, queues it, and on the DUL thread's next loop
@@ -100,6 +113,7 @@ _original_read_pdu_data = dul.DULServiceProvider._read_pdu_data
 PUSHBACK_ATTR = "_befund_pushback"  # bytes read ahead that pynetdicom's reader gets first
 STREAM_BUFFER_ATTR = "_befund_pdu_buffer"
 STREAM_MAX_PDU = 16 * 1024 * 1024  # larger PDUs go pynetdicom's way
+RECV_PREALLOC_BYTES = 16 * 1024 * 1024  # _recv_exact allocates beyond this only as bytes arrive
 _original_recv = transport.AssociationSocket.recv
 _applied = False
 _lock = threading.Lock()
@@ -110,6 +124,8 @@ def check_compatible() -> None:
     problems = []
     if not pynetdicom.__version__.startswith(TESTED_VERSIONS):
         problems.append(f"pynetdicom {pynetdicom.__version__} is untested (tested: {TESTED_VERSIONS})")
+    if getattr(_config, "LOG_HANDLER_LEVEL", None) not in ("standard", "none"):
+        problems.append("_config.LOG_HANDLER_LEVEL is gone")
     if not hasattr(_config, "STORE_RECV_CHUNKED_DATASET"):
         problems.append("_config.STORE_RECV_CHUNKED_DATASET is gone")
     if getattr(dimse_messages, "NamedTemporaryFile", None) not in (_original_ntf, _incoming_ntf):
@@ -142,8 +158,51 @@ def check_compatible() -> None:
         problems.append("the DUL state machine no longer keeps current_state")
     if "ssl_context.wrap_socket" not in inspect.getsource(transport.AssociationServer.get_request):
         problems.append("AssociationServer.get_request no longer wraps TLS sockets itself")
+    handle = inspect.getsource(transport.RequestHandler.handle)
+    if "self._create_association()" not in handle or "assoc.start()" not in handle:
+        problems.append("RequestHandler.handle no longer creates and starts the association")
+    if not isinstance(inspect.getattr_static(transport.AssociationSocket, "ready", None), property):
+        problems.append("AssociationSocket.ready is no longer a property")
+    if "self.socket.recv(6)" not in inspect.getsource(_original_read_pdu_data):
+        problems.append("DULServiceProvider._read_pdu_data no longer reads the PDU header with recv(6)")
+    if "self.socket.ready" not in inspect.getsource(dul.DULServiceProvider._is_transport_event):
+        problems.append("the DUL no longer reads only when its socket is ready")
     if problems:
         raise RuntimeError("pynetdicom internals changed: " + "; ".join(problems))
+
+
+# The modules that decode what a peer sends (not ae/transport: set-up and connecting; not
+# events/service_class: exceptions in befund's own handlers, whose tracebacks matter).
+PEER_ERROR_LOGGERS = tuple(f"pynetdicom.{name}" for name in (
+    "acse", "association", "dimse", "dimse_messages", "dimse_primitives", "dsutils", "dul", "fsm",
+    "pdu", "pdu_items", "pdu_primitives", "presentation", "utils"))
+
+
+class PeerErrorLogFilter(logging.Filter):
+    """Lets each pynetdicom message through at most once per `interval_s`, without its
+    traceback; `LOGGER.exception(exc)` records (the traceback alone) are dropped."""
+
+    MAX_KEYS = 256
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self._interval = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str):
+            return False
+        record.exc_info = record.exc_text = record.stack_info = None
+        key = (record.name, record.msg[:24])  # f-strings carry numbers a peer chose
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self._interval) < self._interval:
+                return False
+            if len(self._last) >= self.MAX_KEYS:
+                self._last.clear()
+            self._last[key] = now
+        return True
 
 
 def _incoming_ntf(*args, **kwargs):
@@ -158,18 +217,21 @@ def _incoming_ntf(*args, **kwargs):
 
 def _recv_exact(self, nr_bytes: int) -> bytearray:
     """Read `nr_bytes` (or fewer if the peer closes) with recv_into into one buffer; bytes
-    pushed back by `_read_pdu_streaming` come first."""
+    pushed back (`PUSHBACK_ATTR`) come first. `nr_bytes` may be a length the peer declared:
+    the buffer starts at most `RECV_PREALLOC_BYTES` long and doubles only as bytes arrive."""
     sock = self.socket
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    pushback = getattr(self, PUSHBACK_ATTR, None)
-    if pushback:
-        got = min(nr_bytes, len(pushback))
-        view[:got] = pushback[:got]
+    pushback = getattr(self, PUSHBACK_ATTR, None) or b""
+    buf = bytearray(min(nr_bytes, max(RECV_PREALLOC_BYTES, len(pushback))))
+    got = min(nr_bytes, len(pushback))
+    if got:
+        buf[:got] = pushback[:got]
         setattr(self, PUSHBACK_ATTR, pushback[got:])
-    got += _recv_into(sock, view[got:])
-    del view
+    while True:
+        with memoryview(buf) as view:
+            got += _recv_into(sock, view[got:])
+        if got < len(buf) or len(buf) == nr_bytes:
+            break
+        buf.extend(bytes(min(len(buf), nr_bytes - len(buf))))
     return buf if got == nr_bytes else buf[:got]
 
 
@@ -442,7 +504,11 @@ def apply() -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
         dimse_messages.NamedTemporaryFile = _incoming_ntf
         transport.AssociationSocket.recv = _recv_exact
+        _config.LOG_HANDLER_LEVEL = "none"
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        peer_errors = PeerErrorLogFilter()
+        for name in PEER_ERROR_LOGGERS:
+            logging.getLogger(name).addFilter(peer_errors)
         dul.time = _SocketWaitTime()
         dimse_messages.create_file_meta = encode_file_meta
         dimse_messages.write_file_meta_info = _write_file_meta_info
@@ -469,53 +535,6 @@ def set_incoming_dir(ae: pynetdicom.AE, directory: Path, guard: SpaceGuard | Non
     pool = IncomingFiles(directory, guard=guard)
     setattr(ae, INCOMING_ATTR, pool)
     return pool
-
-
-class HandshakeInThreadServer(ThreadedAssociationServer):
-    """A TLS association server whose handshake runs in each connection's thread (see 8).
-
-    `handshake_timeout` bounds the handshake; a client that stays silent, or fails the
-    handshake (no or untrusted client certificate), is logged and dropped without ever
-    reaching pynetdicom, and never delays other connections.
-    """
-
-    daemon_threads = True  # a connection still handshaking never holds up shutdown
-    handshake_timeout: float = 10.0
-    on_handshake_failure = None  # callable(address, reason) set by the listener
-
-    def get_request(self):
-        return self.socket.accept()  # plain socket: no handshake on the accept path
-
-    def process_request_thread(self, request, client_address) -> None:
-        context = self.ssl_context
-        try:
-            request.settimeout(self.handshake_timeout)
-            tls_socket = context.wrap_socket(request, server_side=True)
-            tls_socket.settimeout(None)
-        except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
-            if self.on_handshake_failure is not None:
-                self.on_handshake_failure(client_address, exc)
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(tls_socket, client_address)
-
-
-def start_tls_server(ae: pynetdicom.AE, address, ssl_context, evt_handlers, handshake_timeout: float,
-                     on_handshake_failure=None) -> HandshakeInThreadServer:
-    """Like `ae.start_server(..., block=False, ssl_context=...)` but handshaking per thread."""
-    server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=HandshakeInThreadServer)
-    server.handshake_timeout = handshake_timeout
-    server.on_handshake_failure = on_handshake_failure
-    serve_in_thread(ae, server, "dicom-tls-accept")
-    return server
-
-
-def start_server(ae: pynetdicom.AE, address, evt_handlers) -> ThreadedAssociationServer:
-    """Like `ae.start_server(address, block=False, ...)`, with the serving thread kept."""
-    server = ae.make_server(address, evt_handlers=evt_handlers, server_class=ThreadedAssociationServer)
-    serve_in_thread(ae, server, "dicom-accept")
-    return server
 
 
 def serve_in_thread(ae: pynetdicom.AE, server: ThreadedAssociationServer, name: str) -> None:

@@ -189,6 +189,10 @@ class RunningNode:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def listener_pid(self) -> int:
+        """The pid of the process listening on the node's DICOM port (the gateway)."""
+        return pid_listening_on(self.dicom_port)
+
     def log_tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -235,3 +239,26 @@ class RunningNode:
             return poll(check, timeout, 0.2, f"study {study_uid} in {states}")
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; last: {self.study(study_uid)}\n{self.log_tail()}") from exc
+
+
+def pid_listening_on(port: int) -> int:
+    """The pid of the process that holds the listening TCP socket on `port` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue  # gone, or not ours to look into
+    raise LookupError(f"no process listens on port {port}")
