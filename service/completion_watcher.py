@@ -13,9 +13,11 @@ from pipelines.model_card import ModelCard
 from service import metrics
 from service.completion import completion_signal, next_deadline
 from service.routing import job_priority, route_series
-from service.state_db import JOB_ACTIVE, StateDB
+from service.state_db import JOB_ACTIVE, PlannedJob, StateDB
 
 log = logging.getLogger("befund.completion")
+
+MAX_WAIT_S = 5.0  # between looks without a notification (a late instance at another instance)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,10 @@ class CompletionWatcher:
             self.wake.clear()
 
     def tick(self, now: float) -> float:
-        """Complete and route what is due; return seconds until the next deadline (<= 1 s)."""
-        wait = 1.0
+        """Complete and route what is due; return seconds until the next deadline. Deadlines
+        come from the state DB's rows (any instance's associations and instances); an
+        association's end or the API's trigger, at any instance, wakes the watcher sooner."""
+        wait = min(MAX_WAIT_S, self.db.poll_cap_s)
         created = 0
         for series in self.db.series_receiving():
             signal = completion_signal(series, now, self.settle_s, self.quiet_s)
@@ -121,24 +125,26 @@ class CompletionWatcher:
                                      "force to run it again")
 
     def _route(self, series: dict, signal: str, now: float) -> int:
+        """Complete the series and create its jobs in one transaction (`complete_series`):
+        when another instance does it first, or an instance arrived since it was read, nothing
+        happens here (the next look sees the new state)."""
         uid, revision = series["series_uid"], series["revision"]
         count = series["instance_count"]
         route = route_series(series, self.cards)
-        created = 0
-        for card in route.cards:
-            job_id = self.db.create_job_if_new(series, card.name, card.version,
-                                               job_priority(card), now)
-            if job_id is not None:
-                created += 1
-                log.info("series %s complete (%s, %d instances): job %s for %s", uid, signal,
-                         count, job_id, card.key)
         if route.cards:
             state, reason = "routed", ""
         elif route.ignored:
             state, reason = "ignored", route.reason
         else:
             state, reason = "no_model", route.reason
+        planned = [PlannedJob(c.name, c.version, job_priority(c)) for c in route.cards]
+        created = self.db.complete_series(uid, revision, signal, now, planned, state, reason)
+        if created is None:
+            return 0
+        metrics.SERIES_COMPLETED.labels(signal).inc()
+        for job_id, job in created:
+            log.info("series %s complete (%s, %d instances): job %s for %s@%s", uid, signal, count,
+                     job_id, job.model_name, job.model_version)
+        if state == "no_model":
             log.info("series %s complete (%s): %s", uid, signal, reason)
-        if self.db.mark_series(uid, state, reason, completed_by=signal, at=now, if_revision=revision):
-            metrics.SERIES_COMPLETED.labels(signal).inc()
-        return created
+        return len(created)

@@ -63,7 +63,7 @@ class JobRunner:
         self.config = config
         self.owner = owner
         self.on_queued = on_queued  # wakes the outbox
-        self.faults = FaultInjection(config.fault_injection)
+        self.faults = FaultInjection(config.fault_injection, config.fault_delays)
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,10 +96,13 @@ class JobRunner:
                 self._stop.wait(1.0)
 
     def _step(self) -> None:
-        """Lease one job and run one attempt of it, or wait up to 0.5 s for one."""
+        """Lease one job and run one attempt of it, or wait for one: until a job is created
+        (the state DB's notification, from any instance), a retry falls due or a lease runs out."""
         job = self.db.lease_job(self.owner, self.config.job_lease_s)
         if job is None:
-            self.wake.wait(0.5)
+            due = self.db.next_job_at()
+            wait = self.db.poll_cap_s if due is None else min(self.db.poll_cap_s, due - time.time())
+            self.wake.wait(max(0.05, wait))
             self.wake.clear()
             return
         with self._lease_kept(job["id"]):

@@ -28,6 +28,7 @@ log = logging.getLogger("befund.outbox")
 
 # Send what dciodvfy and every PACS can read; pynetdicom's defaults include Deflated.
 RESULT_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+ROUND = 16  # deliveries attempted before the outbox looks at its stop flag and the clock again
 
 
 def backoff_delay(attempts: int, initial_s: float, max_s: float, rng: random.Random) -> float:
@@ -66,9 +67,10 @@ def cstore_files(dest: Destination, calling_ae: str, files: list[str], timeout_s
 
 class Outbox:
     def __init__(self, db: StateDB, config: Config, tls_context: Any = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, owner: str = ""):
         self.db = db
         self.config = config
+        self.owner = owner or config.instance  # the name this instance leases deliveries in
         self.tls_context = tls_context
         self.rng = rng or random.Random()
         self.wake = threading.Event()
@@ -102,16 +104,21 @@ class Outbox:
                 self.wake.clear()
 
     def _deliver_due(self) -> float:
-        """Attempt what is due; return seconds to wait before the next look (0: look again now)."""
-        due = self.db.due_deliveries(time.time())
-        for row in due:
+        """Attempt what is due, one leased entry at a time (no other instance sends it
+        meanwhile); return seconds to wait before the next look (0: look again now). Between
+        looks the outbox waits for the state DB's notification of a new entry, from any instance."""
+        for _ in range(ROUND):
             if self._stop.is_set():
                 return 0.0
+            row = self.db.lease_delivery(self.owner, self.config.delivery.lease_s)
+            if row is None:
+                break
             self.attempt(row)
-        if due:
+        else:
             return 0.0
         nxt = self.db.next_delivery_at()
-        return 1.0 if nxt is None else max(0.05, min(1.0, nxt - time.time()))
+        cap = self.db.poll_cap_s
+        return cap if nxt is None else max(0.05, min(cap, nxt - time.time()))
 
     def attempt(self, row: dict[str, Any]) -> bool:
         """Try one delivery; record success, or schedule the next try (or dead letter)."""

@@ -1,4 +1,5 @@
-"""Series completion signals and routing by model-card selectors, on a real SQLite state DB."""
+"""Series completion signals and routing by model-card selectors, on a real state DB (SQLite and
+PostgreSQL: the `state_db_target` fixture runs each DB test once per backend)."""
 
 import json
 import time
@@ -20,7 +21,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def series_row(**kw):
     row = {"ready_requested": 0, "last_received_at": 100.0, "association_ended_at": None,
-           "instance_count": 10, "expected_count": None}
+           "instance_count": 10}
     row.update(kw)
     return row
 
@@ -37,9 +38,10 @@ def test_instance_after_association_end_waits_for_quiet_timer():
     assert completion_signal(s, 130.0, settle_s=2, quiet_s=30) == "quiet"
 
 
-def test_api_and_expected_count_win():
+def test_the_api_completes_at_once_and_a_count_in_the_row_completes_nothing():
+    """No sender announces a series' size (service/completion.py): a count never completes it."""
     assert completion_signal(series_row(ready_requested=1), 100.0, 2, 30) == "api"
-    assert completion_signal(series_row(expected_count=10), 100.0, 2, 30) == "expected"
+    assert completion_signal(series_row(expected_count=10), 100.0, 2, 30) == ""
 
 
 @pytest.fixture
@@ -89,8 +91,8 @@ def instance(series="1.2.3.1", sop="1.2.3.1.1", assoc="a1", **kw):
     return replace(base, **kw)
 
 
-def test_same_instances_again_start_no_new_run_but_late_ones_do(tmp_path, ich_card):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_same_instances_again_start_no_new_run_but_late_ones_do(state_db_target, ich_card):
+    db = StateDB(state_db_target)
     for i in range(3):
         db.record_instance(instance(sop=f"1.2.3.1.{i}"))
     db.record_association_end("a1", time.time() - 10)
@@ -116,8 +118,8 @@ def test_same_instances_again_start_no_new_run_but_late_ones_do(tmp_path, ich_ca
     assert runs == [{"run": 1, "instance_count": 3}, {"run": 2, "instance_count": 4}]
 
 
-def test_series_no_model_is_flagged_with_reason(tmp_path, ich_card):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_series_no_model_is_flagged_with_reason(state_db_target, ich_card):
+    db = StateDB(state_db_target)
     db.record_instance(instance(body_part="CHEST", descriptions=("Thorax", "")))
     db.record_association_end("a1", time.time() - 10)
     CompletionWatcher(db, [ich_card], 1, 30, on_jobs=lambda: None).tick(time.time())
@@ -125,8 +127,8 @@ def test_series_no_model_is_flagged_with_reason(tmp_path, ich_card):
     assert row["state"] == "no_model" and "CHEST" in row["reason"]
 
 
-def test_a_new_version_of_an_instance_starts_a_new_run_and_force_runs_again(tmp_path, ich_card):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_a_new_version_of_an_instance_starts_a_new_run_and_force_runs_again(state_db_target, ich_card):
+    db = StateDB(state_db_target)
     for i in range(3):
         db.record_instance(instance(sop=f"1.2.3.1.{i}"))
     db.record_association_end("a1", time.time() - 10)
@@ -154,10 +156,10 @@ def test_a_new_version_of_an_instance_starts_a_new_run_and_force_runs_again(tmp_
     assert watcher.request_run("1.9.9") is None  # an unknown study
 
 
-def test_the_same_sop_instance_uid_under_another_series_is_refused_and_moves_nothing(tmp_path):
+def test_the_same_sop_instance_uid_under_another_series_is_refused_and_moves_nothing(state_db_target):
     from service.spool import InstanceElsewhere
 
-    db = StateDB(tmp_path / "state.sqlite")
+    db = StateDB(state_db_target)
     db.record_instance(instance(sop="1.2.3.1.1"))
     with pytest.raises(InstanceElsewhere):
         db.record_instance(instance(sop="1.2.3.1.1", series="1.2.3.2", assoc="a2"))

@@ -51,18 +51,18 @@ def queue_one(db, path):
     return db.query_one("SELECT * FROM outbox")
 
 
-def make_outbox(tmp_path, port, **delivery):
+def make_outbox(tmp_path, target, port, **delivery):
     cfg = Config(var_dir=str(tmp_path / "var"),
                  destinations=(Destination("STORESCP", "127.0.0.1", port),),
                  delivery=replace(DeliveryConfig(), **delivery))
-    db = StateDB(tmp_path / "state.sqlite")
+    db = StateDB(target)
     return db, Outbox(db, cfg, rng=random.Random(0))
 
 
-def test_delivery_waits_out_an_outage_then_lands_once(tmp_path):
+def test_delivery_waits_out_an_outage_then_lands_once(tmp_path, state_db_target):
     path, sop = sc_file(tmp_path)
     port = free_port()
-    db, outbox = make_outbox(tmp_path, port, initial_backoff_s=0.2, max_backoff_s=0.5)
+    db, outbox = make_outbox(tmp_path, state_db_target, port, initial_backoff_s=0.2, max_backoff_s=0.5)
     row = queue_one(db, path)
     assert outbox.attempt(row) is False  # PACS down
     failed = db.delivery(row["id"])
@@ -80,10 +80,10 @@ def test_delivery_waits_out_an_outage_then_lands_once(tmp_path):
         assert scp.proc.poll() is None
 
 
-def test_old_failures_go_to_dead_letter_and_can_be_resent(tmp_path):
+def test_old_failures_go_to_dead_letter_and_can_be_resent(tmp_path, state_db_target):
     path, _ = sc_file(tmp_path)
     port = free_port()
-    db, outbox = make_outbox(tmp_path, port, dead_letter_after_s=0.0)
+    db, outbox = make_outbox(tmp_path, state_db_target, port, dead_letter_after_s=0.0)
     row = queue_one(db, path)
     assert outbox.attempt(row) is False
     assert db.delivery(row["id"])["state"] == "dead"
