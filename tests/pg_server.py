@@ -25,8 +25,11 @@ START_TIMEOUT_S = 60
 
 def pg_bin_dir() -> Path | None:
     """Where initdb and pg_ctl are: Debian's /usr/lib/postgresql/<newest>/bin, else $PATH."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    def version(initdb: str) -> int:
+        name = Path(initdb).parent.parent.name
+        return int(name) if name.isdigit() else 0
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
@@ -43,7 +46,8 @@ class PgServer:
     def __init__(self) -> None:
         bindir = pg_bin_dir()
         if bindir is None:
-            raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; `make test` installs it)")
+            raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; "
+                               "`make test` installs it)")
         self.bindir = bindir
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="befund-pg-"))

@@ -1,23 +1,35 @@
-# Made tests/data/state-main-ab3f855.sqlite, a state DB as befund main at ab3f855 wrote it (before
-# versioned migrations), for tests/test_state_schema.py:
-#   git show ab3f855:service/state_db.py > /tmp/old_state_db.py
-#   python tests/data/make_state_main_ab3f855.py tests/data/state-main-ab3f855.sqlite
+"""Made tests/data/state-main-ab3f855.sqlite: a state DB as befund main at ab3f855 wrote it
+(before versioned migrations), for tests/test_state_schema.py. Run as
 
-import sys, time, importlib.util
+    git show ab3f855:service/state_db.py > /tmp/old_state_db.py
+    python tests/data/make_state_main_ab3f855.py tests/data/state-main-ab3f855.sqlite
+"""
+
+import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
+
 spec = importlib.util.spec_from_file_location("old_state_db", "/tmp/old_state_db.py")
-old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
-out = Path(sys.argv[1]); out.unlink(missing_ok=True)
+old = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(old)
+out = Path(sys.argv[1])
+out.unlink(missing_ok=True)
 db = old.StateDB(out)
 t = 1767225600.0  # 2026-01-01
+
+
 def inst(series, sop, n, assoc, study="1.2.826.0.1.1"):
-    return SimpleNamespace(path=Path(f"/var/befund/spool/{study}/{series}/{sop}.dcm"), size=1000 + n,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop, series_uid=series, study_uid=study,
-        transfer_syntax="1.2.840.10008.1.2.1", modality="CT", body_part="HEAD", descriptions=("CT Kopf", "axial"),
-        image_type=("ORIGINAL", "PRIMARY"), instance_number=n, number_of_frames=None, patient_name="OLD^DB",
-        patient_id="P-OLD", accession="ACC-OLD", study_date="20260101", calling_ae="CT1", peer_address="10.0.0.5",
-        association_id=assoc, received_at=t + n, version=1)
+    return SimpleNamespace(
+        path=Path(f"/var/befund/spool/{study}/{series}/{sop}.dcm"), size=1000 + n,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop, series_uid=series,
+        study_uid=study, transfer_syntax="1.2.840.10008.1.2.1", modality="CT", body_part="HEAD",
+        descriptions=("CT Kopf", "axial"), image_type=("ORIGINAL", "PRIMARY"), instance_number=n,
+        number_of_frames=None, patient_name="OLD^DB", patient_id="P-OLD", accession="ACC-OLD",
+        study_date="20260101", calling_ae="CT1", peer_address="10.0.0.5", association_id=assoc,
+        received_at=t + n, version=1)
+
+
 for n in range(1, 4):
     db.record_instance(inst("1.2.826.0.1.1.1", f"1.2.826.0.1.1.1.{n}", n, "assoc-a"))
 db.record_association_end("assoc-a", t + 10)
@@ -35,4 +47,3 @@ db.mark_series("1.2.826.0.2.1.1", "routed", completed_by="api", at=t + 20)
 job2 = db.create_job_if_new(series, "ich_ct", "0.1.0", 0, t + 20)
 db.lease_job("old-node:1", 120)
 db.close()
-print("ok")
