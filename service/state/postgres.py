@@ -68,6 +68,7 @@ class PostgresBackend:
         self.url = url
         self.timeout_s = timeout_s
         self.notifications = Notifications()
+        self.listening = threading.Event()  # set while this instance receives NOTIFYs
         self._closed = threading.Event()
         connect_timeout = max(1, int(timeout_s))
         self.pool = ConnectionPool(
@@ -126,6 +127,7 @@ class PostgresBackend:
                                      connect_timeout=max(1, int(self.timeout_s))) as conn:
                     for channel in CHANNELS:
                         conn.execute(f"LISTEN befund_{channel}")
+                    self.listening.set()
                     if lost:
                         log.info("state DB notifications resumed")
                         self.notifications.dispatch(CHANNELS)  # what was announced meanwhile
@@ -134,6 +136,7 @@ class PostgresBackend:
                         for note in conn.notifies(timeout=LISTEN_POLL_S):
                             self.notifications.dispatch([note.channel.removeprefix("befund_")])
             except psycopg.Error as exc:
+                self.listening.clear()
                 if not lost:
                     log.warning("state DB notifications lost (%s); reconnecting", type(exc).__name__)
                 lost = True
