@@ -121,7 +121,8 @@ def test_an_instance_killed_while_it_holds_jobs_loses_nothing(tmp_path, pg_serve
             assert jobs[row["id"]]["finished_at"] >= killed_at
         for paths, study, _ in studies:  # every acknowledged instance is there
             assert b.study(study)["instance_count"] == len(paths)
-        srs = poll(lambda: (s := sr_files(pacs.directory)) if len(s) >= 6 else None, 60, 0.2, "6 SRs")
+        poll(lambda: len(sr_files(pacs.directory)) >= 6, 60, 0.2, "6 SRs in the PACS")
+        srs = sr_files(pacs.directory)
         assert len(srs) == 6 and len({uid for _, _, uid in srs}) == 6  # +uf: twice would be 2 files
         assert {study for _, study, _ in srs} == {s for _, s, _ in studies}
         deliveries = db_rows(url, "SELECT state, attempts FROM outbox WHERE kind='dicom'")
