@@ -127,3 +127,60 @@ def test_an_instance_killed_while_it_holds_jobs_loses_nothing(tmp_path, pg_serve
         assert {study for _, study, _ in srs} == {s for _, s, _ in studies}
         deliveries = db_rows(url, "SELECT state, attempts FROM outbox WHERE kind='dicom'")
         assert len(deliveries) == 6 and all(d["state"] == "delivered" for d in deliveries)
+
+
+def test_postgresql_stopped_for_20_s_refuses_instances_and_everything_resumes(tmp_path, pacs):
+    """While the state DB is gone: /readyz fails and /status names state_db, a C-STORE is
+    answered 0xA700 and leaves no file; when it is back, the node carries on by itself (the
+    job that was running when it went finishes, new studies are analysed and delivered)."""
+    from tests.pg_server import PgServer
+
+    first, study1, _ = ct_study(tmp_path / "ct1", 8301)
+    second, study2, _ = ct_study(tmp_path / "ct2", 8302)
+    lost = pydicom.dcmread(ct_study(tmp_path / "ct3", 8303, slices=1)[0][0])
+    with PgServer() as pg:
+        url = pg.new_database()
+        node = shared_node(tmp_path, "node-a", url, tmp_path / "shared", pacs,
+                           fault_delays={"analysis": 4}, database_timeout_s=3.0)
+        with node:
+            sent = run_storescu(first, ae="MODALITY", port=node.dicom_port, timeout=120)
+            assert sent.returncode == 0, sent.output
+            node.wait_study_state(study1, {"running"}, timeout=90)
+            pg.stop()
+            stopped = time.monotonic()
+            poll(lambda: _not_ready_naming_state_db(node), 30, 0.5, "/readyz failing on state_db")
+            assert _store(node.dicom_port, lost) == 0xA700
+            assert not list((tmp_path / "shared" / "spool").glob(f"*/*/{lost.SOPInstanceUID}*"))
+            poll(lambda: time.monotonic() - stopped >= 20, 25, 0.5, "20 s without PostgreSQL")
+            assert node.proc.poll() is None
+            pg.start()
+            poll(lambda: node.api("/readyz", token=None)[0] == 200, 90, 0.5, "ready again")
+            assert _store(node.dicom_port, lost) == 0x0000
+            sent = run_storescu(second, ae="MODALITY", port=node.dicom_port, timeout=120)
+            assert sent.returncode == 0, sent.output
+            for study in (study1, study2):
+                node.wait_study_state(study, {"delivered"}, timeout=180)
+            for study in (study1, study2):  # one SR each (+uf: a second one would be a file)
+                assert len(poll(lambda s=study: sr_files(pacs.directory, s), 60, 0.2, "its SR")) == 1
+            assert node.api("/livez", token=None)[0] == 200
+
+
+def _not_ready_naming_state_db(node: RunningNode) -> bool:
+    code, _ = node.api("/readyz", token=None)
+    status, body = node.api("/status")
+    if code == 200 or status != 503:
+        return False
+    failing = {c["name"]: c["detail"] for c in body["checks"] if not c["ok"]}
+    return "state_db" in failing and "PostgreSQL" in failing["state_db"]
+
+
+def _store(port: int, ds: pydicom.Dataset) -> int:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate("127.0.0.1", port, ae_title="BEFUND")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
