@@ -8,17 +8,27 @@ APT_DEPS := dcmtk:/usr/bin/storescu dicom3tools:/usr/bin/dciodvfy orthanc:/usr/s
 	chromium:/usr/bin/chromium libpixelmed-java:/usr/share/java/pixelmed.jar \
 	default-jre-headless:/usr/bin/java postgresql:/usr/lib/postgresql/15/bin/initdb
 
-.PHONY: run test lint demo bench train-ich train-wsi bento system-deps clean
+# The venv's editable install points at one checkout; a copy (with its .venv) must run its own
+# code, so the checkout's path is part of what the install depends on. pip runs as
+# `python -m pip`: a copied venv's pip script would run the original venv's python.
+CHECKOUT := $(VENV)/.checkout-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
 
-$(BIN)/befund: requirements.lock pyproject.toml
+.PHONY: install run test lint demo bench train-ich train-wsi bento system-deps clean
+
+install: $(BIN)/befund
+
+$(CHECKOUT):
+	mkdir -p $(VENV) && rm -f $(VENV)/.checkout-* && touch $@
+
+$(BIN)/befund: requirements.lock pyproject.toml $(CHECKOUT)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "pip<27"
-	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m pip install -q --upgrade "pip<27"
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.dev-installed: requirements-dev.lock $(BIN)/befund
-	$(BIN)/pip install -q -r requirements-dev.lock
+	$(BIN)/python -m pip install -q -r requirements-dev.lock
 	touch $@
 
 run: $(BIN)/befund

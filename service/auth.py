@@ -1,7 +1,10 @@
 """The token gate in front of the node's HTTP API and worklist page.
 
-An ASGI middleware. A request passes with `Authorization: Bearer <token>` (scripts, `befund
-status`) or with the session cookie `befund_session` that the login form sets (browsers).
+An ASGI middleware. A request passes with `Authorization: Bearer <token>` (machines: scripts,
+`befund status`; principal `api-token`) or with the session cookie `befund_session` that the
+login form sets (people: a named account from service/users.py, user name and password; the
+token signs a browser in only while no account exists). The gate puts the principal and the
+audit log into the scope (service/web_access.py), where routes check roles and record views.
 The cookie holds a random session value (service/sessions.py), never the token; `/logout`
 ends the session. Browsers without either are sent to `/login`; API clients get 401 JSON.
 Health, metrics, static assets and the login page stay open. The middleware serves `/login`
@@ -30,10 +33,14 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+import anyio
+
 from service import metrics
 from service.logging_setup import printable
 from service.login_throttle import FailureThrottle
 from service.sessions import SessionTable
+from service.users import FIRST_START, MACHINE, Principal
+from service.web_access import AUDIT_KEY, USER_KEY
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -67,7 +74,7 @@ _LOGIN_PAGE = """<!doctype html>
         box-shadow: 0 2px 12px rgba(20, 30, 50, .12); }}
  h1 {{ font-size: 20px; margin: 0 0 4px; }} h1 span {{ color: #2a5bd7; }}
  p {{ margin: 0 0 18px; color: #5b6675; font-size: 13px; }}
- label {{ display: block; font-weight: 600; margin-bottom: 6px; }}
+ label {{ display: block; font-weight: 600; margin: 10px 0 6px; }}
  input {{ width: 100%; box-sizing: border-box; padding: 9px 10px; border: 1px solid #b9c2cf;
          border-radius: 6px; font: inherit; }}
  button {{ margin-top: 16px; width: 100%; padding: 10px; border: 0; border-radius: 6px;
@@ -76,9 +83,11 @@ _LOGIN_PAGE = """<!doctype html>
 </style></head>
 <body><form method="post" action="/login" id="login">
 <h1><span>befund</span> AI worklist</h1>
-<p>Enter the access token of this node (in <code>var/token</code> or the node's configuration).</p>
-<label for="token">Access token</label>
-<input id="token" name="token" type="password" autocomplete="current-password" autofocus required>
+<p>{hint}</p>
+<label for="user">User name</label>
+<input id="user" name="user" autocomplete="username" autocapitalize="none" {user_attrs}>
+<label for="token">Password</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required>
 <input type="hidden" name="next" value="{next}">
 <button type="submit">Sign in</button>
 {error}
@@ -130,13 +139,21 @@ def same_origin(headers: dict[str, str]) -> bool | None:
     return origin is not None and origin == _host_port(headers.get("host", ""), parts.scheme)
 
 
+_HINT_ACCOUNTS = "Sign in with your user name and password."
+_HINT_FIRST_START = ("This node has no accounts yet: sign in with its access token as the password "
+                     "(in <code>var/token</code> or the node's configuration), and add accounts with "
+                     "<code>befund user add</code>.")
+
+
 class TokenAuth:
-    """ASGI middleware: `TokenAuth(app, token)`; see the module docstring."""
+    """ASGI middleware: `TokenAuth(app, token, accounts=UserStore(db), audit=AuditLog(db))`;
+    see the module docstring. Without `accounts`, the token signs browsers in (as an admin)."""
 
     def __init__(self, app: ASGIApp, token: str, open_paths: Iterable[str] = OPEN_PATHS, *,
                  failures_per_minute: int = FAILURES_PER_MINUTE, session_s: float = SESSION_S,
                  max_sessions: int = MAX_SESSIONS, secure_cookie: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, accounts: Any = None,
+                 audit: Any = None) -> None:
         if not token:
             raise ValueError("TokenAuth needs the node's access token (see var/token)")
         self.app = app
@@ -145,11 +162,33 @@ class TokenAuth:
         self.sessions = SessionTable(session_s, max_sessions, clock)
         self.throttle = FailureThrottle(failures_per_minute, 60.0, clock=clock)
         self.secure_cookie = secure_cookie
+        self.accounts = accounts
+        self.audit = audit
 
     # --- decisions -----------------------------------------------------------------------------
 
     def is_open(self, path: str) -> bool:
         return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self.open_paths)
+
+    def _has_accounts(self) -> bool:
+        return self.accounts is not None and self.accounts.any()
+
+    def _session_user(self, headers: dict[str, str]) -> Principal | None:
+        """The signed-in principal, while its account is still enabled with the same role."""
+        who = self.sessions.who(_cookie(headers.get("cookie", "")))
+        if who is None or (self.accounts is not None and not self.accounts.active(who)):
+            return None
+        return who
+
+    def _pass(self, scope: Scope, who: Principal) -> Scope:
+        scope[USER_KEY] = who
+        scope[AUDIT_KEY] = self.audit
+        return scope
+
+    def _audit(self, scope: Scope, who: Principal | None, action: str, detail: str = "") -> None:
+        if self.audit is not None:
+            self.audit.record(who.name if who else "-", who.role if who else "-", action,
+                              address=_client(scope), detail=detail)
 
     def _matches(self, candidate: str | None) -> bool:
         return bool(candidate) and hmac.compare_digest(
@@ -179,7 +218,8 @@ class TokenAuth:
             return True
         message = f"Too many wrong tokens from this address; try again in {wait} s."
         if page:
-            await _login_page(send, 429, "/", message, {"retry-after": str(wait)})
+            await _login_page(send, 429, "/", message, {"retry-after": str(wait)},
+                              accounts=self._has_accounts())
         else:
             body = json.dumps({"error": "too many wrong tokens from this address",
                                "retry_after_s": wait}).encode()
@@ -208,13 +248,13 @@ class TokenAuth:
         if scheme.lower() == "bearer":
             if await self._throttled(scope, send, page=False):
                 return
-            if self._matches(credential.strip()):
-                await self.app(scope, receive, send)  # a script: no cookie, no cross-site risk
+            if self._matches(credential.strip()):  # a script: no cookie, no cross-site risk
+                await self.app(self._pass(scope, MACHINE), receive, send)
                 return
             self._failed(scope, "bearer token")
-        elif self.sessions.valid(_cookie(headers.get("cookie", ""))):
+        elif (who := self._session_user(headers)) is not None:
             if scope.get("method", "GET") in SAFE_METHODS or await self._same_origin(scope, send, headers):
-                await self.app(scope, receive, send)
+                await self.app(self._pass(scope, who), receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
@@ -248,7 +288,8 @@ class TokenAuth:
         method = scope.get("method", "GET")
         if method in ("GET", "HEAD"):
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            await _login_page(send, 200, _safe_next((query.get("next") or ["/"])[0]))
+            await _login_page(send, 200, _safe_next((query.get("next") or ["/"])[0]),
+                              accounts=self._has_accounts())
             return
         if method != "POST":
             await _respond(send, 405, b"", {"allow": "GET, POST"})
@@ -261,24 +302,44 @@ class TokenAuth:
         form = parse_qs((await _read_body(receive, MAX_FORM_BYTES)).decode("utf-8", "replace"),
                         max_num_fields=8)
         target = _safe_next((form.get("next") or ["/"])[0])
-        if not self._matches((form.get("token") or [""])[0].strip()):
+        who, error = await self._sign_in((form.get("user") or [""])[0].strip(),
+                                         (form.get("token") or [""])[0])
+        if who is None:
             self._failed(scope, "login form")
-            await _login_page(send, 401, target, "That token is not this node's access token.")
+            self._audit(scope, None, "sign_in_refused")
+            await _login_page(send, 401, target, error, accounts=self._has_accounts())
             return
-        session = self.sessions.create()
-        log.info("http: login from %s; %d session(s) open", _client(scope), len(self.sessions))
+        session = self.sessions.create(who)
+        self._audit(scope, who, "sign_in")
+        log.info("http: login of %s (%s) from %s; %d session(s) open", who.name, who.role,
+                 _client(scope), len(self.sessions))
         secure = "; Secure" if self.secure_cookie or scope.get("scheme") == "https" else ""
         cookie = (f"{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; "
                   f"Max-Age={int(self.sessions.lifetime_s)}{secure}")
         await _respond(send, 303, b"", {"location": target, "set-cookie": cookie,
                                         "cache-control": "no-store"})
 
+    async def _sign_in(self, name: str, secret: str) -> tuple[Principal | None, str]:
+        """(principal, "") for a right name and password, or the token while no account
+        exists; (None, what to tell the person) otherwise."""
+        if self._has_accounts():
+            if not name:
+                return None, "This node has accounts: enter your user name and password."
+            who = await anyio.to_thread.run_sync(self.accounts.verify, name, secret)
+            return (who, "") if who else (None, "Wrong user name or password.")
+        if self._matches(secret.strip()):
+            return FIRST_START, ""
+        return None, "That token is not this node's access token."
+
     async def _logout(self, scope: Scope, send: Send, headers: dict[str, str]) -> None:
         """GET (the page's link) or POST: end the session and clear the cookie. A cross-site
         GET carries no SameSite=Strict cookie, so only the node's own pages can sign out."""
         if scope.get("method") not in SAFE_METHODS and not await self._same_origin(scope, send, headers):
             return
-        if self.sessions.end(_cookie(headers.get("cookie", ""))):
+        value = _cookie(headers.get("cookie", ""))
+        who = self.sessions.who(value)
+        if self.sessions.end(value):
+            self._audit(scope, who, "sign_out")
             log.info("http: logout from %s", _client(scope))
         await _respond(send, 303, b"", {"location": "/login", "set-cookie": _clear_cookie(),
                                         "cache-control": "no-store"})
@@ -314,9 +375,11 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 
 
 async def _login_page(send: Send, status: int, target: str, error: str = "",
-                      extra: dict[str, str] | None = None) -> None:
+                      extra: dict[str, str] | None = None, accounts: bool = False) -> None:
     alert = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-    page = _LOGIN_PAGE.format(next=html.escape(target, quote=True), error=alert)
+    page = _LOGIN_PAGE.format(next=html.escape(target, quote=True), error=alert,
+                              hint=_HINT_ACCOUNTS if accounts else _HINT_FIRST_START,
+                              user_attrs="required autofocus" if accounts else "")
     await _respond(send, status, page.encode("utf-8"), {
         "content-type": "text/html; charset=utf-8", "content-security-policy": _LOGIN_CSP,
         "cache-control": "no-store", "x-frame-options": "DENY", **(extra or {})})

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from service.delivery_rules import DeliveryRule, check_rules, parse_rule
+
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, no control
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a folder name in the spool
 
@@ -123,6 +125,7 @@ class Config:
     token: str = ""  # empty: generated once and kept in var_dir/token
     allow: tuple[AllowRule, ...] = (AllowRule("*", "127.0.0.0/8"), AllowRule("*", "::1/128"))
     destinations: tuple[Destination, ...] = ()
+    delivery_rules: tuple[DeliveryRule, ...] = ()  # who gets which results (service/delivery_rules.py)
     settle_s: float = 2.0
     quiet_s: float = 30.0
     max_associations: int = 32
@@ -151,6 +154,9 @@ class Config:
     fault_injection: tuple[tuple[str, str], ...] = ()
     # test hook, refused unless BEFUND_TESTING=1: {stage: seconds} each job's stage waits first
     fault_delays: tuple[tuple[str, float], ...] = ()
+    # The worklist (service/reader_rows.py, service/viewer_links.py, service/audit_log.py).
+    viewer_url: str = ""  # e.g. "http://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}"; empty: no link
+    audit_view_window_s: float = 60.0  # one audit entry per user, view and address within this
 
     @property
     def var_path(self) -> Path:
@@ -211,6 +217,11 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = tuple(_allow_rule(v) for v in value or ())
         elif key == "destinations":
             kwargs[key] = tuple(_destination(v) for v in value or ())
+        elif key == "delivery_rules":
+            try:
+                kwargs[key] = tuple(parse_rule(v) for v in value or ())
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         elif key == "webhooks":
             kwargs[key] = tuple(str(v) for v in value or ())
         elif key == "fault_injection":
@@ -289,7 +300,7 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     """`BEFUND_<KEY>` sets a top-level scalar; `BEFUND_PACS=AE@host:port` sets the destination."""
     out: dict[str, Any] = {}
     scalar = {f.name for f in dataclasses.fields(Config)} - set(_NESTED) - {
-        "allow", "destinations", "webhooks", "fault_injection", "fault_delays"}
+        "allow", "destinations", "webhooks", "fault_injection", "fault_delays", "delivery_rules"}
     for name in scalar:
         key = ENV_PREFIX + name.upper()
         if key in env:
@@ -328,7 +339,23 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     if (cfg.fault_injection or cfg.fault_delays) and env.get("BEFUND_TESTING") != "1":
         raise ConfigError("fault_injection and fault_delays are test hooks; they are refused "
                           "unless BEFUND_TESTING=1")
+    _check_worklist(cfg)
+    try:
+        check_rules(cfg.destinations, cfg.delivery_rules)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return cfg
+
+
+def _check_worklist(cfg: Config) -> None:
+    from service.viewer_links import check_template
+
+    try:
+        check_template(cfg.viewer_url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if cfg.audit_view_window_s < 0:
+        raise ConfigError(f"audit_view_window_s must be 0 or more, not {cfg.audit_view_window_s}")
 
 
 def _check_state(cfg: Config) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -28,8 +27,9 @@ import pydicom
 import yaml
 
 from pipelines.model_card import CardError, load_card
-from service.config import Destination
+from service.config import Destination, load_config
 from service.dicom_sender import send_folder
+from service.node import load_or_create_token
 from service.orthanc_launcher import ORTHANC, Orthanc, free_port
 from service.parent_death import killed_with_this_process
 
@@ -199,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(workdir / "var", ignore_errors=True)  # a fresh node for a fresh Orthanc
-    token = secrets.token_urlsafe(24)
-    befund_dicom, befund_http = port_or_free(11112), port_or_free(3000)
+    # The ports and token of the working directory's config (befund.yaml, BEFUND_*, var/token),
+    # so that `befund status` there asks the demo's node with the right token.
+    mine = load_config()
+    token = load_or_create_token(mine)
+    befund_dicom, befund_http = port_or_free(mine.dicom_port), port_or_free(mine.http_port)
     config = {
         "ae_title": "BEFUND", "dicom_host": "127.0.0.1", "dicom_port": befund_dicom,
         "http_port": befund_http, "var_dir": str(workdir / "var"), "token": token,
@@ -235,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  befund worklist   {befund.url}/   (token: {token})")
             print(f"  befund API        curl -H 'Authorization: Bearer {token}' {befund.url}/studies")
             print(f"  befund log        {workdir / 'befund.log'}")
+            status_url = "" if befund_http == mine.http_port else f" --url {befund.url}"
+            print(f"  befund status     .venv/bin/befund status{status_url}")
             if not args.once:
                 print("\nCtrl-C stops Orthanc and befund.", flush=True)
                 while befund.proc.poll() is None:

@@ -1,5 +1,7 @@
 """The HTTP API (JSON) of the gateway. Health and readiness are BentoML's own routes;
-`/metrics` is befund's (open, like the probes); everything else needs the token.
+`/metrics` is befund's (open, like the probes); everything else needs the token or a
+signed-in account, and each route checks the role's permission (service/users.py) and writes
+the audit entry for what it showed or changed (service/audit_log.py).
 
 Every JSON answer says `Cache-Control: no-store`: study rows hold patient names, and neither
 a browser's disk cache nor a proxy may keep them.
@@ -18,11 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.flag_reviews import add_review, latest_reviews
 from service.node import current_node
 from service.node_checks import status
+from service.reader_rows import reader_rows
 from service.study_status import all_study_rows, study_detail
+from service.web_access import denied, principal, record
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+REVIEWED = {"acknowledge": "acknowledged", "dismiss": "dismissed"}
 
 
 class PatientJSON(JSONResponse):
@@ -40,7 +46,22 @@ def worklist_order(row: dict) -> tuple:
 
 def sorted_study_rows() -> list[dict]:
     node = current_node()
-    return sorted(all_study_rows(node.db, node.config.settle_s), key=worklist_order)
+    rows = reader_rows(all_study_rows(node.db, node.config.settle_s), node.db, node.cards,
+                       node.config.viewer_url, latest_reviews(node.db))
+    return sorted(rows, key=worklist_order)
+
+
+def reader_detail(study_uid: str) -> dict | None:
+    """One study with its series, jobs and deliveries, in the reader's words."""
+    node = current_node()
+    detail = study_detail(node.db, study_uid, node.config.settle_s)
+    if detail is not None:
+        from service.worklist_source import NodeWorklistSource
+
+        reader_rows([detail], node.db, node.cards, node.config.viewer_url,
+                    latest_reviews(node.db, study_uid))
+        detail["key_image_views"] = NodeWorklistSource().key_image_views(study_uid)
+    return detail
 
 
 def _uid(request: Request) -> str | None:
@@ -49,17 +70,23 @@ def _uid(request: Request) -> str | None:
 
 
 async def list_studies(request: Request) -> PatientJSON:
-    return PatientJSON({"studies": sorted_study_rows()})
+    if refused := denied(request, "read"):
+        return refused
+    rows = sorted_study_rows()
+    record(request, "view_worklist", detail=f"{len(rows)} studies")
+    return PatientJSON({"studies": rows})
 
 
 async def get_study(request: Request) -> PatientJSON:
+    if refused := denied(request, "read"):
+        return refused
     uid = _uid(request)
     if uid is None:
         return PatientJSON({"error": "not a valid DICOM UID"}, status_code=400)
-    node = current_node()
-    detail = study_detail(node.db, uid, node.config.settle_s)
+    detail = reader_detail(uid)
     if detail is None:
         return PatientJSON({"error": f"study {uid} is not known here"}, status_code=404)
+    record(request, "view_study", uid)
     return PatientJSON(detail)
 
 
@@ -67,6 +94,8 @@ async def run_study(request: Request) -> PatientJSON:
     """Start a run of the study's series, or say why not: 202 when at least one series runs
     (or completes now), 409 with each series' reason when none does (a run already queued or
     running; nothing new since the last run, which `{"force": true}` overrides; no model)."""
+    if refused := denied(request, "run"):
+        return refused
     uid = _uid(request)
     if uid is None:
         return PatientJSON({"error": "not a valid DICOM UID"}, status_code=400)
@@ -84,20 +113,55 @@ async def run_study(request: Request) -> PatientJSON:
         reasons = "; ".join(f"series {a.series_uid}: {a.reason}" for a in answers)
         return PatientJSON({"error": f"nothing to run for study {uid}: {reasons}",
                              "study_uid": uid, "series": series}, status_code=409)
+    record(request, "run_study", uid)
     return PatientJSON({"study_uid": uid, "series": series, "state": "queued"}, status_code=202)
 
 
-async def resend_delivery(request: Request) -> PatientJSON:
+async def review_flag(request: Request) -> PatientJSON:
+    """POST /studies/{uid}/acknowledge or /dismiss: the signed-in reader saw this result."""
+    if refused := denied(request, "acknowledge"):
+        return refused
+    uid = _uid(request)
+    if uid is None:
+        return PatientJSON({"error": "not a valid DICOM UID"}, status_code=400)
+    action = request.url.path.rsplit("/", 1)[1]  # the route says which: acknowledge or dismiss
+    node = current_node()
+    detail = study_detail(node.db, uid, node.config.settle_s)
+    if detail is None:
+        return PatientJSON({"error": f"study {uid} is not known here"}, status_code=404)
+    if detail["present"] is None:
+        return PatientJSON({"error": f"study {uid} has no AI result to {action}"}, status_code=409)
+    who = principal(request)
+    review = add_review(node.db, uid, REVIEWED[action], who.name, detail)
+    record(request, action, uid, detail=f"{detail['model']} {detail['model_version']} run {detail['run']}")
+    return PatientJSON({"study_uid": uid, "review": review})
+
+
+def _delivery_id(request: Request) -> int | None:
     try:
-        delivery_id = int(request.path_params["delivery_id"])
+        return int(request.path_params["delivery_id"])
     except ValueError:
+        return None
+
+
+async def resend_delivery(request: Request) -> PatientJSON:
+    if refused := denied(request, "resend"):
+        return refused
+    delivery_id = _delivery_id(request)
+    if delivery_id is None:
         return PatientJSON({"error": "delivery id must be a number"}, status_code=400)
-    if not current_node().resend(delivery_id):
+    node = current_node()
+    row = node.db.delivery(delivery_id)
+    if row is None or not node.resend(delivery_id):
         return PatientJSON({"error": f"delivery {delivery_id} not found"}, status_code=404)
+    job = node.db.job(row["job_id"]) or {}
+    record(request, "resend_delivery", job.get("study_uid"), detail=f"delivery {delivery_id}")
     return PatientJSON({"id": delivery_id, "state": "pending"}, status_code=202)
 
 
 async def list_models(request: Request) -> PatientJSON:
+    if refused := denied(request, "models"):
+        return refused
     node = current_node()
     return PatientJSON({
         "models": [{"key": c.key, "name": c.name, "version": c.version, "task": c.task,
@@ -109,8 +173,25 @@ async def list_models(request: Request) -> PatientJSON:
 
 async def node_status(request: Request) -> PatientJSON:
     """Ready, alive and each part's check with the reason it fails (what /readyz only counts)."""
-    body = status(current_node().checks())
+    if refused := denied(request, "status"):
+        return refused
+    from service.delivery_rules import summary
+
+    node = current_node()
+    body = status(node.checks())
+    body["deliveries"] = summary(node.config)  # "results are not sent anywhere" when so
     return PatientJSON(body, status_code=200 if body["ready"] else 503)
+
+
+async def who_am_i(request: Request) -> PatientJSON:
+    """The signed-in principal and what it may do (the worklist shows buttons by this)."""
+    from service.users import COMMON, PERMISSIONS
+
+    who = principal(request)
+    if who is None:
+        return PatientJSON({"error": "unauthorised"}, status_code=401)
+    return PatientJSON({"user": who.name, "role": who.role,
+                        "permissions": sorted(PERMISSIONS.get(who.role, frozenset()) | COMMON)})
 
 
 async def answered_by_token_gate(request: Request) -> PatientJSON:
@@ -140,9 +221,12 @@ API_ROUTES = [
     Route("/studies", list_studies, methods=["GET"]),
     Route("/studies/{study_uid}", get_study, methods=["GET"]),
     Route("/studies/{study_uid}/run", run_study, methods=["POST"]),
+    Route("/studies/{study_uid}/acknowledge", review_flag, methods=["POST"]),
+    Route("/studies/{study_uid}/dismiss", review_flag, methods=["POST"]),
     Route("/deliveries/{delivery_id}/resend", resend_delivery, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/status", node_status, methods=["GET"]),
+    Route("/me", who_am_i, methods=["GET"]),
     Route("/metrics", prometheus_metrics, methods=["GET"]),
     Route("/login", answered_by_token_gate, methods=["GET", "HEAD", "POST"]),
     Route("/logout", answered_by_token_gate, methods=["GET", "HEAD", "POST"]),
@@ -158,21 +242,25 @@ class _LazyTokenGate:
 
     async def __call__(self, scope, receive, send):
         if self._gate is None:
+            from service.audit_log import AuditLog
             from service.auth import TokenAuth
+            from service.users import UserStore
 
             node = current_node()
             config = node.config
             self._gate = TokenAuth(
                 self.app, node.token, failures_per_minute=config.http_auth_failures_per_minute,
                 session_s=config.http_session_hours * 3600, max_sessions=config.http_max_sessions,
-                secure_cookie=config.http_tls.enabled)
+                secure_cookie=config.http_tls.enabled, accounts=UserStore(node.db),
+                audit=AuditLog(node.db, config.audit_view_window_s))
         await self._gate(scope, receive, send)
 
 
 def build_app() -> Starlette:
+    from service.admin_api import ADMIN_ROUTES
     from service.worklist_page import worklist_routes
     from service.worklist_source import NodeWorklistSource
 
-    app = Starlette(routes=API_ROUTES + worklist_routes(NodeWorklistSource()))
+    app = Starlette(routes=API_ROUTES + ADMIN_ROUTES + worklist_routes(NodeWorklistSource()))
     app.add_middleware(_LazyTokenGate)
     return app

@@ -199,7 +199,7 @@ class JobRunner:
         files = self._encode(attempt, card, result) if card is not None else []
         encode_s = time.time() - started
         summary = self._summary(card, result, files, encode_s)
-        deliveries = self._deliveries(attempt, files)
+        deliveries = self._deliveries(attempt, files, result)
         self._enter(attempt, Stage.RESULT_ROW)
         self.db.finish_job(job["id"], state, summary, error, deliveries)
         self._count(job, card, result, state, encode_s)
@@ -232,11 +232,16 @@ class JobRunner:
                  f" ({result.reason})" if result.reason else "")
         self.on_queued()
 
-    def _deliveries(self, attempt: Attempt, files: list[Path]) -> list[tuple[str, str, dict]]:
+    def _deliveries(self, attempt: Attempt, files: list[Path],
+                    result: AnalysisResult) -> list[tuple[str, str, dict]]:
+        from service.delivery_rules import destinations_for, job_facts
+
         self._enter(attempt, Stage.DELIVERIES)
+        job = attempt.job
         out: list[tuple[str, str, dict]] = []
         if files:
-            for dest in self.config.destinations:
+            facts = job_facts(self.db, job, result.analysed, result.present)
+            for dest in destinations_for(self.config.destinations, self.config.delivery_rules, facts):
                 out.append(("dicom", dest.name, {"files": [str(f) for f in files]}))
         if self.config.hl7.host and self.config.hl7.port:
             out.append(("hl7", f"{self.config.hl7.host}:{self.config.hl7.port}", {}))
@@ -342,7 +347,7 @@ class JobRunner:
             if missing:
                 reason += f"; no \"not analysed\" SR could be made: {missing}"
         try:
-            deliveries = self._deliveries(attempt, files)
+            deliveries = self._deliveries(attempt, files, AnalysisResult.not_analysed(reason))
         except Exception as exc:  # noqa: BLE001 - the failure is recorded without deliveries
             deliveries = []
             reason += (f"; no delivery could be queued: {Stage.DELIVERIES.label} failed "

@@ -9,6 +9,10 @@ STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 30
 INSTANCES_RECEIVED = Counter(
     "befund_instances_received_total", "Instances durably stored and acknowledged", ["modality"])
 BYTES_RECEIVED = Counter("befund_bytes_received_total", "Bytes of acknowledged instances")
+# Instances received again (same SOP Instance UID): a PACS that forwards a study twice shows here.
+INSTANCES_DUPLICATE = Counter(
+    "befund_instances_duplicate_total", "Acknowledged instances whose SOP Instance UID was known",
+    ["modality"])
 INSTANCES_REJECTED = Counter(
     "befund_instances_rejected_total", "C-STORE requests answered with a failure status", ["reason"])
 ASSOCIATIONS = Counter("befund_associations_total", "DICOM associations", ["outcome"])

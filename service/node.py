@@ -125,6 +125,8 @@ class Node:
         if new:
             metrics.INSTANCES_RECEIVED.labels(inst.modality or "unknown").inc()
             metrics.BYTES_RECEIVED.inc(inst.size)
+        else:
+            metrics.INSTANCES_DUPLICATE.labels(inst.modality or "unknown").inc()
 
     def _on_association_end(self, association_id: str, calling_ae: str) -> None:
         metrics.ASSOCIATIONS.labels("accepted").inc()

@@ -13,6 +13,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def _digest(value: str) -> bytes:
@@ -20,7 +21,8 @@ def _digest(value: str) -> bytes:
 
 
 class SessionTable:
-    """`create()` a session, `valid(value)` while it lasts, `end(value)` at logout."""
+    """`create(who)` a session, `valid(value)` and `who(value)` while it lasts, `end(value)` at
+    logout. `who` is the signed-in principal (service/users.py), kept beside the expiry."""
 
     def __init__(self, lifetime_s: float, max_sessions: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -30,20 +32,26 @@ class SessionTable:
         self.max_sessions = max_sessions
         self._clock = clock
         self._expiry: dict[bytes, float] = {}  # digest -> monotonic expiry, oldest first
+        self._who: dict[bytes, Any] = {}
 
     def __len__(self) -> int:
         return len(self._expiry)
 
-    def create(self) -> str:
+    def create(self, who: Any = None) -> str:
         """A new session value (256 random bits, URL-safe) for the login cookie."""
         now = self._clock()
         if len(self._expiry) >= self.max_sessions:
             self._drop_expired(now)
         while len(self._expiry) >= self.max_sessions:
-            del self._expiry[next(iter(self._expiry))]
+            self._forget(next(iter(self._expiry)))
         value = secrets.token_urlsafe(32)
         self._expiry[_digest(value)] = now + self.lifetime_s
+        self._who[_digest(value)] = who
         return value
+
+    def who(self, value: str | None) -> Any:
+        """The principal of a valid session; None when the session is unknown or over."""
+        return self._who.get(_digest(value)) if self.valid(value) else None
 
     def valid(self, value: str | None) -> bool:
         if not value:
@@ -53,14 +61,23 @@ class SessionTable:
         if expiry is None:
             return False
         if self._clock() >= expiry:
-            del self._expiry[key]
+            self._forget(key)
             return False
         return True
 
     def end(self, value: str | None) -> bool:
         """Forget the session (logout); True if it was known."""
-        return bool(value) and self._expiry.pop(_digest(value), None) is not None
+        if not value:
+            return False
+        key = _digest(value)
+        known = key in self._expiry
+        self._forget(key)
+        return known
+
+    def _forget(self, key: bytes) -> None:
+        self._expiry.pop(key, None)
+        self._who.pop(key, None)
 
     def _drop_expired(self, now: float) -> None:
         for key in [k for k, expiry in self._expiry.items() if expiry <= now]:
-            del self._expiry[key]
+            self._forget(key)

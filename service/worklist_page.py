@@ -1,12 +1,14 @@
 """The radiologists' worklist: one row per study with the AI verdict, live, no external assets.
 
 `worklist_routes(store)` returns Starlette routes for the page (`/`), a study's detail page
-(`/view/{study_uid}`), its key image (`/studies/{study_uid}/key-image.png`) and the CSS/JS in
-`service/static/`. The pages poll the HTTP API (`GET /studies`, `GET /studies/{uid}`) every
-2 s, and `GET /status`, whose failing checks show as an alert above the list (a node that
-cannot receive or analyse must not look like a quiet day). They build the DOM with
-`textContent` only; the first paint comes from a JSON data island
-in the page, escaped so that no value can close the script element. Patient data is shown,
+(`/view/{study_uid}`), its key images (`/studies/{study_uid}/key-image.png`, the first, and
+`/studies/{study_uid}/key-images/{n}.png`) and the CSS/JS in `service/static/`. Each page
+checks the role (service/users.py): the `ml` role sees no patients' studies. Opening a
+study is written to the audit log (service/audit_log.py). The pages poll the HTTP API
+(`GET /studies`, `GET /studies/{uid}`) every 2 s, and `GET /status`, whose failing checks
+show as an alert above the list (a node that cannot receive or analyse must not look like a
+quiet day). They build the DOM with `textContent` only; the first paint comes from a JSON
+data island in the page, escaped so that no value can close the script element. Patient data is shown,
 never logged.
 """
 
@@ -23,9 +25,12 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from service.web_access import principal, record
+
 STATIC_DIR = Path(__file__).with_name("static")
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 POLL_MS = 2000
+MAX_KEY_IMAGES = 16  # per study; a card asks for a few
 
 PAGE_HEADERS = {
     "content-security-policy": ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
@@ -47,7 +52,7 @@ class WorklistSource(Protocol):
 
     def study(self, study_uid: str) -> dict | None: ...
 
-    def key_image_png(self, study_uid: str) -> bytes | None: ...
+    def key_image_png(self, study_uid: str, index: int = 0) -> bytes | None: ...
 
 
 def worklist_order(row: dict) -> tuple:
@@ -75,7 +80,20 @@ def _data_island(element_id: str, data: Any) -> str:
     return f'<script id="{element_id}" type="application/json">{text}</script>'
 
 
-def _shell(title: str, page: str, body: str, data: Any, api: str) -> str:
+def _who(request: Request | None) -> tuple[str, str, str]:
+    """(user, role, permissions) of the signed-in principal for the page's data attributes."""
+    from service.users import COMMON, PERMISSIONS
+
+    who = principal(request) if request is not None else None
+    if who is None:
+        return "", "", ""
+    return who.name, who.role, " ".join(sorted(PERMISSIONS.get(who.role, frozenset()) | COMMON))
+
+
+def _shell(title: str, page: str, body: str, data: Any, api: str, request: Request | None = None) -> str:
+    user, role, may = _who(request)
+    signed_in = (f'<span class="who" id="who">{html.escape(user)} ({html.escape(role)})</span>'
+                 if user else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -84,14 +102,17 @@ def _shell(title: str, page: str, body: str, data: Any, api: str) -> str:
 <link rel="stylesheet" href="/static/worklist.css">
 </head>
 <body data-page="{html.escape(page, quote=True)}" data-api="{html.escape(api, quote=True)}"
- data-poll-ms="{POLL_MS}">
+ data-poll-ms="{POLL_MS}" data-user="{html.escape(user, quote=True)}"
+ data-may="{html.escape(may, quote=True)}">
 <header class="top">
  <a class="brand" href="/"><span class="logo">befund</span> AI worklist</a>
  <span id="live" class="live" title="updates every {POLL_MS // 1000} s">connecting</span>
+ {signed_in}
  <a class="logout" href="/logout">Sign out</a>
 </header>
 <main>
 <p id="node-alert" class="node-alert" role="alert" hidden></p>
+<p id="delivery-notice" class="delivery-notice" role="status" hidden></p>
 {body}
 <noscript><p class="notice">This worklist needs JavaScript to update itself.</p></noscript>
 </main>
@@ -104,8 +125,15 @@ def _shell(title: str, page: str, body: str, data: Any, api: str) -> str:
 
 WORKLIST_BODY = """<section class="summary" aria-live="polite">
  <span id="count-positive" class="pill pill-positive">0 positive</span>
+ <span id="count-unacknowledged" class="pill pill-positive">0 not yet acknowledged</span>
  <span id="count-not-analysed" class="pill pill-na">0 not analysed</span>
  <span id="count-total" class="pill">0 studies</span>
+ <select id="show" aria-label="Show">
+  <option value="all">All studies</option>
+  <option value="unacknowledged">Positive, not yet acknowledged</option>
+  <option value="positive">Positive</option>
+  <option value="not-analysed">Not analysed</option>
+ </select>
  <input id="filter" type="search" placeholder="Filter: patient, accession, modality"
   aria-label="Filter the worklist">
  <span id="updated" class="updated"></span>
@@ -113,11 +141,23 @@ WORKLIST_BODY = """<section class="summary" aria-live="polite">
 <table class="worklist" id="worklist">
  <thead><tr>
   <th class="c-img">Key image</th><th>AI finding</th><th>Certainty</th><th>Patient</th>
-  <th>Accession</th><th>Modality</th><th>Received</th><th>Model</th><th>State</th>
+  <th>Accession</th><th>Study date</th><th>Modality</th><th>Received</th><th>Result</th>
+  <th>Model</th><th>State</th><th>Review</th>
  </tr></thead>
  <tbody id="rows"></tbody>
 </table>
 <p id="empty" class="empty" hidden>No studies yet. Studies appear here as the PACS sends them.</p>
+<section id="dead-letters" class="dead-letters" hidden>
+ <h2>Results that could not be delivered</h2>
+ <p class="sub">Each waits here until it is sent again or discarded.</p>
+ <table class="grid" id="dead-letter-table"><thead><tr>
+  <th>Delivery</th><th>Study</th><th>To</th><th>Attempts</th><th>Last error</th><th>Since</th><th></th>
+ </tr></thead><tbody id="dead-letter-rows"></tbody></table>
+</section>
+"""
+
+NO_STUDIES_BODY = """<p class="notice" id="role-notice">The {role} role does not see patients' studies.
+The loaded models and their validation figures are at <a href="/models">/models</a>.</p>
 """
 
 DETAIL_BODY = """<p class="back"><a href="/">&larr; Worklist</a></p>
@@ -137,20 +177,39 @@ def _not_found(what: str) -> HTMLResponse:
 def worklist_routes(store: WorklistSource) -> list[BaseRoute]:
     """Routes for the worklist page, the detail page, key images and static assets."""
 
+    def may_read(request: Request) -> bool:
+        who = principal(request)
+        return who is not None and who.may("read")
+
+    def no_studies(request: Request) -> HTMLResponse:
+        who = principal(request)
+        body = NO_STUDIES_BODY.format(role=html.escape(who.role if who else "anonymous"))
+        return _page(_shell("befund - AI worklist", "none", body, None, "", request), 403)
+
     async def worklist(request: Request) -> Response:
+        if not may_read(request):
+            return no_studies(request)
         rows = sorted(store.studies(), key=worklist_order)
-        return _page(_shell("befund - AI worklist", "worklist", WORKLIST_BODY, {"studies": rows}, "/studies"))
+        record(request, "view_worklist", detail=f"{len(rows)} studies")
+        return _page(_shell("befund - AI worklist", "worklist", WORKLIST_BODY, {"studies": rows},
+                            "/studies", request))
 
     async def detail(request: Request) -> Response:
+        if not may_read(request):
+            return no_studies(request)
         uid = request.path_params["study_uid"]
         study = store.study(uid) if UID_RE.match(uid) else None
         if study is None:
             return _not_found(f"Study {uid} is not on this node.")
-        return _page(_shell("befund - study", "detail", DETAIL_BODY, study, f"/studies/{uid}"))
+        record(request, "view_study", uid)
+        return _page(_shell("befund - study", "detail", DETAIL_BODY, study, f"/studies/{uid}", request))
 
     async def key_image(request: Request) -> Response:
+        if not may_read(request):
+            return Response(b"", status_code=403)
         uid = request.path_params["study_uid"]
-        png = store.key_image_png(uid) if UID_RE.match(uid) else None
+        index = int(request.path_params.get("index", 0))
+        png = store.key_image_png(uid, index) if UID_RE.match(uid) and index < MAX_KEY_IMAGES else None
         if png is None:
             return Response(b"", status_code=404)
         return Response(png, media_type="image/png",
@@ -160,5 +219,7 @@ def worklist_routes(store: WorklistSource) -> list[BaseRoute]:
         Route("/", worklist, methods=["GET"], name="worklist"),
         Route("/view/{study_uid}", detail, methods=["GET"], name="study_view"),
         Route("/studies/{study_uid}/key-image.png", key_image, methods=["GET"], name="key_image"),
+        Route("/studies/{study_uid}/key-images/{index:int}.png", key_image, methods=["GET"],
+              name="key_images"),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
     ]

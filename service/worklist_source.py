@@ -1,18 +1,41 @@
-"""Feeds the worklist page from the node: study rows and key-image thumbnails."""
+"""Feeds the worklist page from the node: study rows and the key images of the shown result.
+
+Key images are rendered on request from the spooled files (pipelines/key_images.py): every
+one the model's result names (the card's `key_images`), at 512 px, with the finding outlined,
+the window and slice position in the caption; for slides the heatmap with its colour bar.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import numpy as np
 import pydicom
 
-from pipelines.thumbnails import render_ct_png, render_heatmap_png
+from pipelines.key_images import render_ct_key_image, render_slide_key_image, slice_label, window_label
 from service.node import current_node
-from service.study_status import lead_job, study_detail
+from service.study_status import lead_job
 
 log = logging.getLogger("befund.worklist")
+
+
+def _lead_job(node: Any, study_uid: str) -> dict | None:
+    """The analysed job whose result the row shows (service/study_status.py `lead_job`)."""
+    job = lead_job(node.db.jobs_of(study_uid))
+    return job if job is not None and job["state"] == "done" and job["result"] else None
+
+
+def _card(node: Any, job: dict) -> Any:
+    return next((c for c in node.cards
+                 if c.name == job["model_name"] and c.version == job["model_version"]), None)
+
+
+def _window(card: Any) -> tuple[float, float]:
+    if card is not None and card.task == "ct-slices":
+        return tuple(card.preprocessing.windows[0])
+    return (40.0, 80.0)
 
 
 class NodeWorklistSource:
@@ -22,41 +45,70 @@ class NodeWorklistSource:
         return sorted_study_rows()
 
     def study(self, study_uid: str) -> dict | None:
-        node = current_node()
-        return study_detail(node.db, study_uid, node.config.settle_s)
+        from service.http_api import reader_detail
 
-    def key_image_png(self, study_uid: str) -> bytes | None:
-        """The key image of the run the worklist row shows, rendered from the pixels that run
-        analysed; None when a newer version of the image arrived since (a later run is due)."""
+        return reader_detail(study_uid)
+
+    def key_image_views(self, study_uid: str) -> list[dict]:
+        """What the detail page shows of each key image: its URL and a line that says which."""
         node = current_node()
-        job = lead_job(node.db.jobs_of(study_uid))
-        if job is None or job["state"] != "done" or not job["result"]:
+        job = _lead_job(node, study_uid)
+        if job is None:
+            return []
+        result = json.loads(job["result"])
+        if result.get("heatmap"):
+            return [{"url": f"/studies/{study_uid}/key-images/0.png",
+                     "label": "slide with the tile probability map"}]
+        card = _card(node, job)
+        order = [r["sop_instance_uid"] for r in node.db.series_instances(job["series_uid"])]
+        views = []
+        for i, key in enumerate(result.get("key_images") or []):
+            uid = key["sop_instance_uid"]
+            where = slice_label(order.index(uid) + 1, len(order), None) if uid in order else "slice"
+            views.append({"url": f"/studies/{study_uid}/key-images/{i}.png",
+                          "label": f"{where}, {window_label(_window(card))}, score {key['score']:.2f}"})
+        return views
+
+    def key_image_png(self, study_uid: str, index: int = 0) -> bytes | None:
+        node = current_node()
+        job = _lead_job(node, study_uid)
+        if job is None:
             return None
         result = json.loads(job["result"])
-        card = next((c for c in node.cards
-                     if c.name == job["model_name"] and c.version == job["model_version"]), None)
-        keys = result.get("key_images") or []
-        instances = {r["sop_instance_uid"]: r for r in node.db.series_instances(job["series_uid"])
-                     if r["version"] == 1 or (r["received_at"] or 0) <= job["created_at"]}
+        # the pixels that run analysed: a newer version of an image belongs to a later run
+        instances = [r for r in node.db.series_instances(job["series_uid"]) if r["purged_at"] is None
+                     and (r["version"] == 1 or (r["received_at"] or 0) <= job["created_at"])]
         try:
             if result.get("heatmap"):
-                return self._heatmap_png(result["heatmap"], instances)
-            if keys and keys[0]["sop_instance_uid"] in instances:
-                ds = pydicom.dcmread(instances[keys[0]["sop_instance_uid"]]["path"])
-                hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) \
-                    + float(getattr(ds, "RescaleIntercept", 0))
-                window = card.preprocessing.windows[0] if card and card.task == "ct-slices" \
-                    else (40.0, 80.0)
-                return render_ct_png(hu, window=window)
-        except Exception as exc:  # noqa: BLE001 - a thumbnail must never break the page
-            log.warning("key image for study %s could not be rendered: %s", study_uid, exc)
+                return self._slide_png(result, instances, _card(node, job)) if index == 0 else None
+            keys = result.get("key_images") or []
+            if index >= len(keys):
+                return None
+            return self._ct_png(keys[index], instances, _card(node, job))
+        except Exception as exc:  # noqa: BLE001 - a key image must never break the page
+            log.warning("key image %d of study %s could not be rendered: %s", index, study_uid, exc)
         return None
 
-    def _heatmap_png(self, heatmap: dict, instances: dict) -> bytes | None:
+    def _ct_png(self, key: dict, instances: list[dict], card: Any) -> bytes | None:
+        order = [r["sop_instance_uid"] for r in instances]
+        if key["sop_instance_uid"] not in order:
+            return None
+        row = instances[order.index(key["sop_instance_uid"])]
+        ds = pydicom.dcmread(row["path"])
+        hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) \
+            + float(getattr(ds, "RescaleIntercept", 0))
+        position = getattr(ds, "ImagePositionPatient", None)
+        z = float(position[2]) if position is not None and len(position) == 3 else None
+        where = slice_label(order.index(key["sop_instance_uid"]) + 1, len(order), z)
+        return render_ct_key_image(hu, _window(card), where, score=key.get("score"))
+
+    def _slide_png(self, result: dict, instances: list[dict], card: Any) -> bytes | None:
         from pipelines.wsi_slide import read_thumbnail_rgb
 
-        paths = [r["path"] for r in instances.values()]
-        rgb = read_thumbnail_rgb(paths)
+        heatmap = result["heatmap"]
+        rgb = read_thumbnail_rgb([r["path"] for r in instances])
         values = np.array([np.nan if v is None or v < 0 else v for v in heatmap["values"]],
                           dtype=np.float32).reshape(heatmap["rows"], heatmap["cols"])
-        return render_heatmap_png(rgb, values)
+        threshold = card.postprocessing.threshold if card is not None else 0.5
+        meaning = card.finding.code.meaning.lower() if card is not None else "finding"
+        return render_slide_key_image(rgb, values, threshold, title=f"{meaning} probability")

@@ -1,4 +1,4 @@
-"""Orthanc as the PACS, the real node as the AI: storescu -> Orthanc -> (Lua OnStableStudy) ->
+"""Orthanc as the PACS, the real node as the AI: storescu -> Orthanc -> (Lua OnStableSeries) ->
 befund -> SR (and SEG for slides) back into the same study in Orthanc, found through its REST API.
 
 One node and one Orthanc serve this module; each test uses its own phantom study (own seed).

@@ -1,6 +1,7 @@
 """The state DB's schema: numbered migrations per backend reach the same tables and columns, and a
-state DB that befund made before versioned migrations (main at ab3f855) is adopted and migrated
-with every row kept (tests/data/make_state_main_ab3f855.py made it)."""
+state DB that befund made before versioned migrations (main at ab3f855, and at 5027b3e with the
+web side's accounts and audit log) is adopted and migrated with every row kept
+(tests/data/make_legacy_state_db.py made them)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
+from service.audit_log import AuditLog
+from service.flag_reviews import add_review, latest_reviews
 from service.state import StateDB
 from service.state.schema import migrations
 from tests.test_completion_routing import instance
 
-LEGACY = Path(__file__).resolve().parent / "data" / "state-main-ab3f855.sqlite"
+DATA = Path(__file__).resolve().parent / "data"
+LEGACY = [DATA / "state-main-ab3f855.sqlite", DATA / "state-main-5027b3e.sqlite"]
 
 
 def test_both_backends_have_the_same_numbered_migrations():
@@ -34,12 +40,15 @@ def test_both_backends_reach_the_same_tables_and_columns(tmp_path, pg_server):
         pg.close()
 
 
-def test_a_state_db_made_by_main_before_migrations_is_adopted_with_its_rows(tmp_path):
+@pytest.mark.parametrize("legacy", LEGACY, ids=lambda p: p.stem)
+def test_a_state_db_made_by_main_before_migrations_is_adopted_with_its_rows(tmp_path, legacy):
     path = tmp_path / "state.sqlite"
-    shutil.copy(LEGACY, path)
+    shutil.copy(legacy, path)
     before = sqlite3.connect(path)
+    tables = {r[0] for r in before.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     counts = {t: before.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-              for t in ("studies", "series", "instances", "jobs", "outbox")}
+              for t in ("studies", "series", "instances", "jobs", "outbox", "users", "audit_log",
+                        "flag_reviews") if t in tables}
     before.close()
     assert "schema_version" not in _tables(path)
 
@@ -69,6 +78,20 @@ def test_a_state_db_made_by_main_before_migrations_is_adopted_with_its_rows(tmp_
         assert again.query_one("SELECT COUNT(*) AS n FROM schema_version")["n"] == again.schema_version
     finally:
         again.close()
+
+
+def test_the_web_records_read_and_write_alike_on_both_backends(state_db_target):
+    """audit_log and flag_reviews have a column named user, a word PostgreSQL reserves."""
+    db = StateDB(state_db_target)
+    try:
+        audit = AuditLog(db)
+        assert audit.record("anna", "radiologist", "view_study", "1.2.3", address="10.0.0.9")
+        [entry] = audit.query(user="anna")
+        assert (entry["user"], entry["role"], entry["study_uid"]) == ("anna", "radiologist", "1.2.3")
+        add_review(db, "1.2.3", "acknowledged", "anna", {"model": "ich_ct", "model_version": "1", "run": 1})
+        assert latest_reviews(db, "1.2.3")["1.2.3"]["user"] == "anna"
+    finally:
+        db.close()
 
 
 def test_migrations_of_two_instances_starting_at_once_apply_once(pg_server):

@@ -111,8 +111,8 @@ def test_login_then_positive_above_negative_not_analysed_reason_and_escaped_name
     assert order.index(uid["positive"]) < order.index(uid["negative"])
     assert order[0] == uid["positive"]
     positive = row(page, uid["positive"]).inner_text()
-    assert "Present" in positive and "ich_ct" in positive and "%" in positive
-    assert "Absent" in row(page, uid["negative"]).inner_text()
+    assert "Intracranial hemorrhage" in positive and "ich_ct" in positive and "%" in positive
+    assert "No intracranial hemorrhage detected" in row(page, uid["negative"]).inner_text()
     short = row(page, uid["short"]).inner_text()
     assert "Not analysed" in short
     assert "3 slice" in short and "16" in short  # the reason, in words
@@ -121,9 +121,9 @@ def test_login_then_positive_above_negative_not_analysed_reason_and_escaped_name
     assert page.dialogs == []
     assert page.evaluate("document.querySelectorAll('#rows script').length") == 0
     # The key image of the positive study loads (same origin, behind the cookie).
-    assert page.evaluate(f"""() => {{
+    page.wait_for_function(f"""() => {{
         const i = document.querySelector('tr[data-study-uid="{uid["positive"]}"] img');
-        return !!i && i.complete && i.naturalWidth > 0; }}""")
+        return !!i && i.complete && i.naturalWidth > 0; }}""", timeout=15_000)
     status = page.request.get(node.url + "/status").json()  # the page's cookie is enough
     assert status["ready"] is True and all(c["ok"] for c in status["checks"])
     ARTIFACTS.mkdir(exist_ok=True)
@@ -138,7 +138,7 @@ def test_a_new_study_appears_and_gets_its_verdict_without_reload(page, studied_n
     page.wait_for_selector(f'tr[data-study-uid="{new_uid}"]', timeout=30_000)
     page.wait_for_function(
         """uid => { const r = document.querySelector(`tr[data-study-uid="${uid}"]`);
-                    return !!r && /Present|Absent/.test(r.innerText); }""",
+                    return !!r && /hemorrhage/.test(r.innerText); }""",
         arg=new_uid, timeout=90_000)
     assert page.evaluate("window.__notReloaded") is True
     assert node.study(new_uid)["state"] in FINAL
@@ -157,6 +157,25 @@ def test_detail_view_of_the_positive_study(page, studied_node):
     page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
     page.click("a.logout")
     page.wait_for_selector("#token")
+
+
+def test_a_node_with_no_destination_says_results_are_not_sent_anywhere(page, studied_node):
+    """No destination, HL7 receiver or webhook: the start-up lines, GET /status, befund status
+    and the worklist all say that results stay on the node."""
+    node, _ = studied_node
+    log = node.log_path.read_text(errors="replace")
+    assert "befund: WARNING results are not sent anywhere" in log
+    assert f"befund: worklist http://127.0.0.1:{node.http_port}/ ; API token set in the config" in log
+    code, status = node.api("/status")
+    assert code == 200 and status["deliveries"]["targets"] == []
+    assert "not sent anywhere" in status["deliveries"]["notice"]
+    cli = node.befund_status()
+    assert cli.returncode == 0 and "WARNING  results are not sent anywhere" in cli.stdout
+    login(page, node.url)
+    notice = page.wait_for_selector("#delivery-notice", state="visible", timeout=10_000)
+    assert "results are not sent anywhere" in notice.inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "worklist-no-destination.png"), full_page=True)
 
 
 def test_a_node_that_refuses_instances_says_so_to_probes_api_and_radiologists(page, tmp_path):

@@ -78,8 +78,8 @@ class MemorySource:
                                  "state": "delivered", "attempts": 1, "last_error": "",
                                  "next_attempt_at": None}])
 
-    def key_image_png(self, study_uid: str) -> bytes | None:
-        if study_uid not in self.rows or not self.rows[study_uid].get("key_image"):
+    def key_image_png(self, study_uid: str, index: int = 0) -> bytes | None:
+        if index or study_uid not in self.rows or not self.rows[study_uid].get("key_image"):
             return None
         yy, xx = np.mgrid[-128:128, -128:128]
         slice_hu = np.where(xx**2 + (yy / 1.2) ** 2 < 100**2, 35.0, -1000.0)

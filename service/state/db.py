@@ -540,13 +540,32 @@ class StateDB:
             tx.notify("outbox")
             return cur.rowcount == 1
 
+    def discard_delivery(self, delivery_id: int) -> bool:
+        """An admin gives up on a dead (or still pending) delivery: it is never sent."""
+        with self.transaction() as tx:
+            cur = tx.execute(
+                "UPDATE outbox SET state='discarded' WHERE id=? AND state IN ('dead','pending')",
+                (delivery_id,))
+            return cur.rowcount == 1
+
+    def deliveries_in_state(self, state: str, limit: int = 500) -> list[dict[str, Any]]:
+        """Outbox rows in one state with their study (the dead-letter view), oldest first."""
+        return self.query(
+            """SELECT o.id, o.job_id, o.kind, o.destination, o.state, o.attempts, o.last_error,
+                      o.created_at, o.next_attempt_at, j.study_uid, j.model_name, j.run,
+                      s.accession
+               FROM outbox o JOIN jobs j ON j.id=o.job_id
+               LEFT JOIN studies s ON s.study_uid=j.study_uid
+               WHERE o.state=? ORDER BY o.id LIMIT ?""", (state, limit))
+
     # --- retention -----------------------------------------------------------------------
 
     _NOTHING_LEFT_TO_DO = """
         NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid=s.series_uid
                     AND j.state IN ('queued', 'running'))
         AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON j.id=o.job_id
-                        WHERE j.series_uid=s.series_uid AND o.state != 'delivered')
+                        WHERE j.series_uid=s.series_uid
+                          AND o.state NOT IN ('delivered', 'discarded'))
         AND (s.state != 'routed'
              OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid=s.series_uid))"""
 
@@ -554,7 +573,8 @@ class StateDB:
         """Series with unpurged instances whose results were all delivered before `done_before`.
 
         Not due: a series still receiving, one with a queued or running job, one with an
-        outbox row that is not delivered (pending or dead), or a routed series without jobs.
+        outbox row that is neither delivered nor discarded (pending or dead), or a routed
+        series without jobs.
         A series that no model takes is due `done_before` after it was completed.
         """
         return [r["series_uid"] for r in self.query(

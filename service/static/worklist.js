@@ -8,8 +8,15 @@
   const api = body.dataset.api;
   const pollMs = Number(body.dataset.pollMs) || 2000;
   const live = document.getElementById("live");
+  const permissions = new Set(String(body.dataset.may || "").split(" ").filter(Boolean));
   let lastJson = null;
   let lastRows = [];
+  let pollTimer = null;
+  let lastStatus = null;
+
+  function may(permission) {
+    return permissions.has(permission);
+  }
 
   // ---- small DOM helpers -------------------------------------------------------------------
 
@@ -32,6 +39,27 @@
   function localUrl(url) {
     // Only same-origin paths ("/..."), never "//host" or "javascript:".
     return typeof url === "string" && url.startsWith("/") && !url.startsWith("//") ? url : null;
+  }
+
+  function webUrl(url) {
+    // The PACS viewer: an http(s) address from the node's viewer_url template, nothing else.
+    return typeof url === "string" && /^https?:\/\/[^\s]+$/i.test(url) ? url : null;
+  }
+
+  function viewerLink(row) {
+    const url = webUrl(row.viewer_url);
+    if (!url) return null;
+    return el("a", {cls: "viewer", text: "Open in viewer",
+      attrs: {href: url, target: "_blank", rel: "noopener noreferrer"}});
+  }
+
+  async function post(path) {
+    const res = await fetch(path, {method: "POST", credentials: "same-origin", cache: "no-store",
+      headers: {"Accept": "application/json", "X-Requested-With": "fetch"}});
+    let body = null;
+    try { body = await res.json(); } catch (e) { body = null; }
+    if (!res.ok) throw new Error((body && (body.detail || body.error)) || ("HTTP " + res.status));
+    return body;
   }
 
   // ---- formatting ----------------------------------------------------------------------------
@@ -61,10 +89,18 @@
       (row.present === null && !!row.reason && (s === "done" || s === "delivered" || s === "failed"));
   }
 
+  function stateText(state) {
+    // Any state in words: "not_analysed" never reaches the page as it is stored.
+    const known = STATES[stateKey(state)];
+    if (known) return known[0];
+    const words = String(state || "unknown").replace(/[_-]+/g, " ").trim();
+    return words.charAt(0).toUpperCase() + words.slice(1);
+  }
+
   function stateLabel(row) {
     const s = notAnalysed(row) ? "not_analysed" : stateKey(row.state);
     const known = STATES[s];
-    return known ? known : [String(row.state || "unknown"), "st-wait"];
+    return known ? known : [stateText(row.state), "st-wait"];
   }
 
   function pct(c) {
@@ -79,6 +115,14 @@
     const hm = d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit"});
     if (d.toDateString() === now.toDateString()) return hm;
     return d.toLocaleDateString([], {year: "numeric", month: "short", day: "numeric"}) + " " + hm;
+  }
+
+  function fmtStudyDate(da) {
+    // DICOM DA "20240411" -> "11 Apr 2024" in the reader's locale.
+    const m = /^(\d{4})(\d{2})(\d{2})$/.exec(String(da || "").trim());
+    if (!m) return String(da || "");
+    const d = new Date(Number(m[1]), Number(m[2]) - 1, Number(m[3]));
+    return d.toLocaleDateString([], {year: "numeric", month: "short", day: "numeric"});
   }
 
   function fmtAgo(epoch) {
@@ -106,19 +150,74 @@
   }
 
   function verdictNode(row) {
+    // "Intracranial hemorrhage" / "No intracranial hemorrhage detected" / "Not analysed".
     if (notAnalysed(row)) return el("span", {cls: "flag flag-na", text: "Not analysed"});
-    if (row.present === true) return el("span", {cls: "flag flag-present", text: "\u25B2 Present"});
-    if (row.present === false) return el("span", {cls: "flag flag-absent", text: "Absent"});
+    if (row.present === true) {
+      return el("span", {cls: "flag flag-present", text: "\u25B2 " + (row.verdict_text || "Finding present")});
+    }
+    if (row.present === false) {
+      return el("span", {cls: "flag flag-absent", text: row.verdict_text || "No finding detected"});
+    }
     return el("span", {cls: "flag flag-none", text: "\u2014"});
   }
 
-  function stateNode(row) {
+  function certaintyText(row) {
+    if (row.present === null || row.present === undefined) return "";
+    const p = pct(row.certainty);
+    return p ? p + " certain" : "";
+  }
+
+  function stateNode(row, full) {
     const [label, cls] = stateLabel(row);
     const wrap = el("div", {cls: "state"}, [el("span", {cls: "st " + cls, text: label})]);
     if (row.reason && (notAnalysed(row) || cls === "st-fail")) {
-      wrap.appendChild(el("div", {cls: "reason", text: row.reason}));
+      // The list gives the reason in words; the detail view adds the identifiers.
+      const text = full ? row.reason : (row.reason_text || row.reason);
+      wrap.appendChild(el("div", {cls: "reason", text: text, title: full ? null : row.reason}));
     }
     return wrap;
+  }
+
+  function reviewText(review) {
+    if (!review) return "";
+    const what = review.action === "dismissed" ? "Dismissed" : "Acknowledged";
+    return what + " by " + review.user + ", " + fmtTime(review.at);
+  }
+
+  function reviewNode(row) {
+    if (row.review) {
+      return el("span", {cls: "review review-" + (row.review.action || ""), text: reviewText(row.review)});
+    }
+    if (row.present !== true || !may("acknowledge")) return null;
+    const uid = row.study_uid || "";
+    const act = (action, label, cls) => {
+      const b = el("button", {cls: "btn " + cls, text: label,
+        attrs: {type: "button", "data-action": action, "data-study-uid": uid}});
+      return b;
+    };
+    return el("span", {cls: "review-actions"}, [act("acknowledge", "Acknowledge", "btn-ack"),
+      act("dismiss", "Dismiss", "btn-dismiss")]);
+  }
+
+  async function review(button) {
+    button.disabled = true;
+    try {
+      await post("/studies/" + encodeURIComponent(button.dataset.studyUid) + "/" + button.dataset.action);
+      refreshNow();
+    } catch (err) {
+      button.disabled = false;
+      showError("Could not " + button.dataset.action + ": " + err.message);
+    }
+  }
+
+  function showError(text) {
+    const alert = document.getElementById("action-error") || (() => {
+      const p = el("p", {cls: "node-alert", attrs: {id: "action-error", role: "alert"}});
+      document.querySelector("main").prepend(p);
+      return p;
+    })();
+    alert.textContent = text;
+    alert.hidden = !text;
   }
 
   function thumbNode(row, big) {
@@ -126,6 +225,29 @@
     if (!url) return el("div", {cls: big ? "thumb-big none" : "thumb none", text: "no image"});
     return el("img", {cls: big ? "thumb-big" : "thumb",
       attrs: {src: url, alt: "Key image", loading: "lazy", width: big ? 384 : 64, height: big ? 384 : 64}});
+  }
+
+  function keyImages(study) {
+    // Every key image the result names, readable size; a click shows it at full size.
+    const views = (study.key_image_views || []).filter((v) => localUrl(v.url));
+    if (!views.length) return thumbNode(study, true);
+    return el("div", {cls: "key-images"}, views.map((v, i) => el("figure", {cls: "key-image"}, [
+      el("img", {cls: "key", attrs: {src: v.url, alt: "Key image " + (i + 1) + " of " + views.length + ": " + v.label,
+        width: 512, "data-full": v.url}}),
+      el("figcaption", {text: "Key image " + (i + 1) + " of " + views.length + " \u00B7 " + v.label}),
+    ])));
+  }
+
+  function enlarge(url, alt) {
+    const overlay = el("div", {cls: "lightbox", attrs: {role: "dialog", "aria-label": alt}}, [
+      el("img", {attrs: {src: url, alt: alt}}),
+      el("p", {cls: "lightbox-hint", text: "Click or press Escape to close"}),
+    ]);
+    const close = () => { overlay.remove(); document.removeEventListener("keydown", onKey); };
+    const onKey = (ev) => { if (ev.key === "Escape") close(); };
+    overlay.addEventListener("click", close);
+    document.addEventListener("keydown", onKey);
+    document.body.appendChild(overlay);
   }
 
   function order(row) {
@@ -143,34 +265,55 @@
   function matches(row, needle) {
     if (!needle) return true;
     const hay = [row.patient_name, row.patient_id, row.accession, row.modality, row.model,
-      row.state, row.reason].join(" ").toLowerCase();
+      stateText(row.state), row.reason_text, row.verdict_text].join(" ").toLowerCase();
     return hay.includes(needle);
+  }
+
+  function unacknowledged(row) {
+    return row.present === true && !row.review;
+  }
+
+  const SHOW = {
+    all: () => true,
+    unacknowledged: unacknowledged,
+    positive: (row) => row.present === true,
+    "not-analysed": notAnalysed,
+  };
+
+  function timeCell(epoch) {
+    if (!epoch) return el("td", {text: ""});
+    return el("td", {title: fmtAgo(epoch)}, [el("div", {text: fmtTime(epoch)}),
+      el("div", {cls: "sub", text: fmtAgo(epoch)})]);
   }
 
   function renderWorklist(data) {
     const rows = sortRows((data && data.studies) || []);
     lastRows = rows;
     const needle = (document.getElementById("filter").value || "").trim().toLowerCase();
+    const show = SHOW[document.getElementById("show").value] || SHOW.all;
     const tbody = document.getElementById("rows");
     const frag = document.createDocumentFragment();
     let shown = 0;
     for (const row of rows) {
-      if (!matches(row, needle)) continue;
+      if (!show(row) || !matches(row, needle)) continue;
       shown += 1;
       const href = "/view/" + encodeURIComponent(row.study_uid || "");
       const link = el("a", {cls: "patient", text: personName(row.patient_name), attrs: {href: href}});
       const tr = el("tr", {cls: "row " + (row.present === true ? "is-positive" : notAnalysed(row) ? "is-na" : ""),
         attrs: {"data-study-uid": row.study_uid || "", "data-href": href}}, [
         el("td", {cls: "c-img"}, [thumbNode(row, false)]),
-        el("td", null, [verdictNode(row)]),
-        el("td", {cls: "num", text: row.present === null || row.present === undefined ? "" : pct(row.certainty)}),
-        el("td", null, [link, el("div", {cls: "sub", text: row.patient_id ? "ID " + row.patient_id : ""})]),
+        el("td", {cls: "c-finding"}, [verdictNode(row)]),
+        el("td", {cls: "num", text: certaintyText(row)}),
+        el("td", null, [link, el("div", {cls: "sub", text: row.patient_id ? "ID " + row.patient_id : ""}),
+          viewerLink(row)]),
         el("td", {text: row.accession || ""}),
+        el("td", {cls: "c-date", text: fmtStudyDate(row.study_date)}),
         el("td", {text: row.modality || ""}),
-        el("td", {title: fmtAgo(row.received_at)}, [el("div", {text: fmtTime(row.received_at)}),
-          el("div", {cls: "sub", text: fmtAgo(row.received_at)})]),
+        timeCell(row.received_at),
+        timeCell(row.result_at),
         el("td", {text: modelText(row)}),
-        el("td", null, [stateNode(row)]),
+        el("td", null, [stateNode(row, false)]),
+        el("td", {cls: "c-review"}, [reviewNode(row)]),
       ]);
       frag.appendChild(tr);
     }
@@ -179,9 +322,59 @@
     const positives = rows.filter((r) => r.present === true).length;
     const na = rows.filter(notAnalysed).length;
     document.getElementById("count-positive").textContent = positives + " positive";
+    document.getElementById("count-unacknowledged").textContent =
+      rows.filter(unacknowledged).length + " not yet acknowledged";
     document.getElementById("count-not-analysed").textContent = na + " not analysed";
     document.getElementById("count-total").textContent = rows.length + (rows.length === 1 ? " study" : " studies");
     document.getElementById("empty").hidden = shown > 0;
+  }
+
+  // ---- dead letters (admin) ---------------------------------------------------------------------
+
+  async function pollDeadLetters() {
+    const section = document.getElementById("dead-letters");
+    if (!section || !may("resend")) return;
+    try {
+      const res = await fetch("/deliveries?state=dead", {credentials: "same-origin", cache: "no-store",
+        headers: {"Accept": "application/json", "X-Requested-With": "fetch"}});
+      if (!res.ok) return;
+      renderDeadLetters((await res.json()).deliveries || []);
+    } catch (err) {
+      // the main poll says when the node cannot be reached
+    }
+  }
+
+  function renderDeadLetters(rows) {
+    const section = document.getElementById("dead-letters");
+    const tbody = document.getElementById("dead-letter-rows");
+    clear(tbody);
+    for (const d of rows) {
+      const act = (action, label) => el("button", {cls: "btn btn-" + action, text: label,
+        attrs: {type: "button", "data-delivery": d.id, "data-action": action}});
+      const study = el("a", {text: d.accession ? "Accession " + d.accession : "study",
+        attrs: {href: "/view/" + encodeURIComponent(d.study_uid || "")}});
+      tbody.appendChild(el("tr", {attrs: {"data-delivery-id": d.id}}, [
+        el("td", {text: d.id}), el("td", null, [study]), el("td", {text: d.kind + " to " + d.destination}),
+        el("td", {text: d.attempts}), el("td", {cls: "reason", text: d.last_error || ""}),
+        el("td", {text: fmtAbs(d.created_at)}),
+        el("td", null, [act("resend", "Resend"), may("discard") ? act("discard", "Discard") : null]),
+      ]));
+    }
+    section.hidden = rows.length === 0;
+  }
+
+  async function deliveryAction(button) {
+    const {delivery, action} = button.dataset;
+    if (action === "discard" && !window.confirm("Discard delivery " + delivery + "? It will not be sent.")) return;
+    button.disabled = true;
+    try {
+      await post("/deliveries/" + encodeURIComponent(delivery) + "/" + action);
+      pollDeadLetters();
+      refreshNow();
+    } catch (err) {
+      button.disabled = false;
+      showError("Could not " + action + " delivery " + delivery + ": " + err.message);
+    }
   }
 
   // ---- the detail page -------------------------------------------------------------------------
@@ -203,7 +396,7 @@
   }
 
   function yesNo(p) {
-    return p === true ? "Present" : p === false ? "Absent" : "";
+    return p === true ? "Present" : p === false ? "Not detected" : "";
   }
 
   function fact(label, value) {
@@ -220,40 +413,48 @@
       el("div", {cls: "detail-title"}, [
         el("h1", {text: personName(study.patient_name)}),
         el("div", {cls: "sub", text: [study.patient_id ? "ID " + study.patient_id : "",
-          study.accession ? "Accession " + study.accession : "", study.study_date || ""].filter(Boolean).join(" \u00B7 ")}),
+          study.accession ? "Accession " + study.accession : "",
+          study.study_date ? "Study date " + fmtStudyDate(study.study_date) : ""].filter(Boolean).join(" \u00B7 ")}),
+        viewerLink(study),
       ]),
       el("div", {cls: "detail-verdict"}, [verdictNode(study),
-        el("span", {cls: "certainty", text: study.present === null ? "" : pct(study.certainty)})]),
+        el("span", {cls: "certainty", text: certaintyText(study)}), reviewNode(study)]),
     ]);
     const facts = el("dl", {cls: "facts"}, [
-      fact("State", stateNode(study)),
+      fact("State", stateNode(study, true)),
       fact("Model", modelText(study)),
       fact("Modality", study.modality),
       fact("Received", fmtAbs(study.received_at)),
-      fact("Updated", fmtAbs(study.updated_at)),
+      fact("Result", fmtAbs(study.result_at)),
+      fact("Review", reviewText(study.review) || (study.present === true ? "Not yet acknowledged" : "")),
       fact("Priority", study.priority === "high" ? "High" : "Normal"),
       fact("Series / images", (study.series_count || 0) + " / " + (study.instance_count || 0)),
       fact("Study UID", study.study_uid),
     ]);
-    const top = el("div", {cls: "detail-top"}, [thumbNode(study, true), facts]);
+    const top = el("div", {cls: "detail-top"}, [facts]);
     clear(root);
     root.appendChild(head);
     root.appendChild(top);
+    root.appendChild(el("h2", {text: "Key images"}));
+    root.appendChild(keyImages(study));
     root.appendChild(el("h2", {text: "Series"}));
     root.appendChild(series.length ? table(["Series UID", "Modality", "Description", "Images", "State"],
-      series.map((s) => [s.series_uid, s.modality, s.description, s.instance_count, s.state]))
+      series.map((s) => [s.series_uid, s.modality, s.description, s.instance_count, stateText(s.state)]))
       : el("p", {cls: "sub", text: "No series."}));
     root.appendChild(el("h2", {text: "Analyses"}));
     root.appendChild(jobs.length ? table(["Job", "Model", "Run", "State", "Attempts", "Finding", "Certainty",
-      "Reason / last error", "Timings"],
-    jobs.map((j) => [j.id, (j.model || "") + " " + (j.model_version || ""), j.run, j.state, j.attempts,
-      yesNo(j.present), j.present === null ? "" : pct(j.certainty), j.reason || j.last_error || "", timings(j.timings)]))
+      "Reason / last error", "Result at", "Timings"],
+    jobs.map((j) => [j.id, (j.model || "") + " " + (j.model_version || ""), j.run, stateText(j.state), j.attempts,
+      yesNo(j.present), j.present === null ? "" : pct(j.certainty), j.reason || j.last_error || "",
+      fmtAbs(j.finished_at), timings(j.timings)]))
       : el("p", {cls: "sub", text: "No analyses yet."}));
     root.appendChild(el("h2", {text: "Deliveries"}));
+    // "Next attempt" only where one will be made: a pending delivery.
     root.appendChild(deliveries.length ? table(["Job", "Destination", "Kind", "State", "Attempts", "Last error",
-      "Next attempt"],
-    deliveries.map((d) => [d.job_id, d.destination, d.kind, d.state, d.attempts, d.last_error || "",
-      d.next_attempt_at ? fmtAbs(d.next_attempt_at) : ""]))
+      "Queued", "Delivered", "Next attempt"],
+    deliveries.map((d) => [d.job_id, d.destination, d.kind, stateText(d.state), d.attempts, d.last_error || "",
+      fmtAbs(d.created_at), fmtAbs(d.delivered_at),
+      d.state === "pending" && d.next_attempt_at ? fmtAbs(d.next_attempt_at) : ""]))
       : el("p", {cls: "sub", text: "Nothing delivered yet."}));
     document.title = "befund - " + personName(study.patient_name);
   }
@@ -281,6 +482,7 @@
         headers: {"Accept": "application/json", "X-Requested-With": "fetch"}});
       if (res.status === 200 || res.status === 503) {
         const st = await res.json();
+        lastStatus = st;
         const bad = (st.checks || []).filter((c) => !c.ok);
         if (!st.ready) {
           text = "This node is not ready; studies sent now may not be analysed. " +
@@ -294,6 +496,12 @@
     }
     alert.textContent = text;
     alert.hidden = text === "";
+    const notice = document.getElementById("delivery-notice");
+    if (notice && lastStatus) {
+      const nowhere = lastStatus.deliveries && lastStatus.deliveries.notice;
+      notice.textContent = nowhere || "";
+      notice.hidden = !nowhere;
+    }
     const empty = document.getElementById("empty");  // "studies appear here" is untrue then
     if (empty) {
       empty.dataset.text = empty.dataset.text || empty.textContent;
@@ -301,8 +509,15 @@
     }
   }
 
+  function refreshNow() {
+    lastJson = null;
+    if (pollTimer) clearTimeout(pollTimer);
+    poll();
+  }
+
   async function poll() {
     pollStatus();
+    pollDeadLetters();
     try {
       const res = await fetch(api, {credentials: "same-origin", cache: "no-store",
         headers: {"Accept": "application/json", "X-Requested-With": "fetch"}});
@@ -322,7 +537,7 @@
     } catch (err) {
       setLive(false, "offline, retrying");
     } finally {
-      setTimeout(poll, pollMs);
+      pollTimer = setTimeout(poll, pollMs);
     }
   }
 
@@ -331,11 +546,27 @@
     let initial = null;
     try { initial = JSON.parse(island.textContent); } catch (e) { initial = null; }
     if (page === "worklist") {
-      document.getElementById("filter").addEventListener("input", () => renderWorklist({studies: lastRows}));
+      const rerender = () => renderWorklist({studies: lastRows});
+      document.getElementById("filter").addEventListener("input", rerender);
+      document.getElementById("show").addEventListener("change", rerender);
       document.getElementById("rows").addEventListener("click", (ev) => {
+        const button = ev.target.closest("button[data-action]");
+        if (button) { review(button); return; }
         if (ev.target.closest("a")) return;
         const tr = ev.target.closest("tr[data-href]");
         if (tr) window.location.assign(tr.dataset.href);
+      });
+      document.getElementById("dead-letter-rows").addEventListener("click", (ev) => {
+        const button = ev.target.closest("button[data-action]");
+        if (button) deliveryAction(button);
+      });
+    }
+    if (page === "detail") {
+      document.getElementById("study").addEventListener("click", (ev) => {
+        const button = ev.target.closest("button[data-action]");
+        if (button) { review(button); return; }
+        const img = ev.target.closest("img[data-full]");
+        if (img) enlarge(img.dataset.full, img.alt);
       });
     }
     if (initial) render(initial);

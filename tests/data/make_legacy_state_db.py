@@ -1,8 +1,10 @@
-"""Made tests/data/state-main-ab3f855.sqlite: a state DB as befund main at ab3f855 wrote it
-(before versioned migrations), for tests/test_state_schema.py. Run as
+"""Made tests/data/state-main-<commit>.sqlite: a state DB as befund main at that commit wrote
+it (before versioned migrations), for tests/test_state_schema.py. Run as
 
     git show ab3f855:service/state_db.py > /tmp/old_state_db.py
-    python tests/data/make_state_main_ab3f855.py tests/data/state-main-ab3f855.sqlite
+    python tests/data/make_legacy_state_db.py /tmp/old_state_db.py tests/data/state-main-ab3f855.sqlite
+
+(and the same with 5027b3e, whose state DB also holds the web side's accounts and audit log).
 """
 
 import importlib.util
@@ -10,10 +12,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-spec = importlib.util.spec_from_file_location("old_state_db", "/tmp/old_state_db.py")
+spec = importlib.util.spec_from_file_location("old_state_db", sys.argv[1])
 old = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(old)
-out = Path(sys.argv[1])
+out = Path(sys.argv[2])
 out.unlink(missing_ok=True)
 db = old.StateDB(out)
 t = 1767225600.0  # 2026-01-01
@@ -46,4 +48,12 @@ series = db.query_one("SELECT * FROM series WHERE series_uid='1.2.826.0.2.1.1'")
 db.mark_series("1.2.826.0.2.1.1", "routed", completed_by="api", at=t + 20)
 job2 = db.create_job_if_new(series, "ich_ct", "0.1.0", 0, t + 20)
 db.lease_job("old-node:1", 120)
+if hasattr(old, "WEB_SCHEMA"):
+    db._db.execute("""INSERT INTO users(name, role, password_hash, created_at)
+                      VALUES ('anna', 'radiologist', '$argon2id$not-a-real-hash', ?)""", (t + 30,))
+    db._db.execute("""INSERT INTO audit_log(at, user, role, action, study_uid)
+                      VALUES (?, 'anna', 'radiologist', 'view_study', '1.2.826.0.1.1')""", (t + 31,))
+    db._db.execute("""INSERT INTO flag_reviews(study_uid, action, model, model_version, run, user, at)
+                      VALUES ('1.2.826.0.1.1', 'acknowledged', 'ich_ct', '0.1.0', 1, 'anna', ?)""",
+                   (t + 32,))
 db.close()
