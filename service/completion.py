@@ -18,15 +18,15 @@ is MPPS (N-SET of the Performed Series Sequence), which a PACS's auto-forward do
 
 from __future__ import annotations
 
-from typing import Any
+from service.state.rows import Series
 
 
-def completion_signal(series: dict[str, Any], now: float, settle_s: float, quiet_s: float) -> str:
+def completion_signal(series: Series, now: float, settle_s: float, quiet_s: float) -> str:
     """Return what made the series complete ('api', 'association', 'quiet') or ''."""
-    if series["ready_requested"]:
+    if series.ready_requested:
         return "api"
-    last = series["last_received_at"] or 0.0
-    ended = series["association_ended_at"]
+    last = series.last_received_at or 0.0
+    ended = series.association_ended_at
     if ended is not None and ended >= last and now - ended >= settle_s:
         return "association"
     if now - last >= quiet_s:
@@ -34,10 +34,10 @@ def completion_signal(series: dict[str, Any], now: float, settle_s: float, quiet
     return ""
 
 
-def next_deadline(series: dict[str, Any], settle_s: float, quiet_s: float) -> float:
+def next_deadline(series: Series, settle_s: float, quiet_s: float) -> float:
     """The earliest time at which `completion_signal` could turn true without new events."""
-    last = series["last_received_at"] or 0.0
-    ended = series["association_ended_at"]
+    last = series.last_received_at or 0.0
+    ended = series.association_ended_at
     candidates = [last + quiet_s]
     if ended is not None and ended >= last:
         candidates.append(ended + settle_s)

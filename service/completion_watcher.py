@@ -13,7 +13,7 @@ from pipelines.model_card import ModelCard
 from service import metrics
 from service.completion import completion_signal, next_deadline
 from service.routing import job_priority, route_series
-from service.state_db import JOB_ACTIVE, PlannedJob, StateDB
+from service.state_db import JOB_ACTIVE, PlannedJob, Series, SeriesState, StateDB
 
 log = logging.getLogger("befund.completion")
 
@@ -97,39 +97,39 @@ class CompletionWatcher:
             self.wake.set()
         return answers
 
-    def _answer(self, series: dict, force: bool) -> RunAnswer:
-        uid = series["series_uid"]
+    def _answer(self, series: Series, force: bool) -> RunAnswer:
+        uid = series.series_uid
         route = route_series(series, self.cards)
         if not route.cards:
-            if series["state"] == "receiving":
+            if series.state is SeriesState.RECEIVING:
                 self.db.request_ready(uid)  # complete now: flagged "not analysed" with the reason
             return RunAnswer(uid, False, route.reason)
-        if series["state"] == "receiving":
+        if series.state is SeriesState.RECEIVING:
             self.db.request_ready(uid)
             return RunAnswer(uid, True, "completed now")
-        latest = {(j["model_name"], j["model_version"]): j for j in self.db.runs_of(uid)}
+        latest = {(j.model_name, j.model_version): j for j in self.db.runs_of(uid)}
         for job in latest.values():
-            if job["state"] in JOB_ACTIVE:
-                return RunAnswer(uid, False, f"run {job['run']} ({job['model_name']} "
-                                             f"{job['model_version']}) is already {job['state']}")
+            if job.state in JOB_ACTIVE:
+                return RunAnswer(uid, False, f"run {job.run} ({job.model_name} "
+                                             f"{job.model_version}) is already {job.state}")
         lasts = [latest.get((c.name, c.version)) for c in route.cards]
-        if any(j is None or j["series_revision"] != series["revision"] for j in lasts):
+        if any(j is None or j.series_revision != series.revision for j in lasts):
             self.db.request_ready(uid)
             return RunAnswer(uid, True, "changed since its last run, or a model has not run on it")
         if force:
             self.db.request_ready(uid, again=True)
             return RunAnswer(uid, True, "run again on request")
-        newest = max(lasts, key=lambda j: j["run"])
-        return RunAnswer(uid, False, f"nothing new since run {newest['run']} ({newest['model_name']} "
-                                     f"{newest['model_version']}, {newest['state']}); ask with "
+        newest = max(lasts, key=lambda j: j.run)
+        return RunAnswer(uid, False, f"nothing new since run {newest.run} ({newest.model_name} "
+                                     f"{newest.model_version}, {newest.state}); ask with "
                                      "force to run it again")
 
-    def _route(self, series: dict, signal: str, now: float) -> int:
+    def _route(self, series: Series, signal: str, now: float) -> int:
         """Complete the series and create its jobs in one transaction (`complete_series`):
         when another instance does it first, or an instance arrived since it was read, nothing
         happens here (the next look sees the new state)."""
-        uid, revision = series["series_uid"], series["revision"]
-        count = series["instance_count"]
+        uid, revision = series.series_uid, series.revision
+        count = series.instance_count
         route = route_series(series, self.cards)
         if route.cards:
             state, reason = "routed", ""

@@ -1,5 +1,18 @@
 """The state DB lives in service/state/ (backends, migrations); this name stays importable."""
 
-from service.state import JOB_ACTIVE, JOB_FINAL, PlannedJob, StateDB, is_postgres_url
+from service.state import (
+    JOB_ACTIVE,
+    JOB_FINAL,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    PlannedJob,
+    Series,
+    SeriesState,
+    StateDB,
+    is_postgres_url,
+)
 
-__all__ = ["JOB_ACTIVE", "JOB_FINAL", "PlannedJob", "StateDB", "is_postgres_url"]
+__all__ = ["JOB_ACTIVE", "JOB_FINAL", "Delivery", "DeliveryState", "Job", "JobState", "PlannedJob",
+           "Series", "SeriesState", "StateDB", "is_postgres_url"]

@@ -1,7 +1,6 @@
 """Series completion signals and routing by model-card selectors, on a real state DB (SQLite and
 PostgreSQL: the `state_db_target` fixture runs each DB test once per backend)."""
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,17 +12,15 @@ from service.completion import completion_signal
 from service.completion_watcher import CompletionWatcher
 from service.routing import route_series
 from service.spool import StoredInstance
-from service.state_db import StateDB
+from service.state_db import Series, StateDB
 
 PROJECT = Path(__file__).resolve().parent.parent
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def series_row(**kw):
-    row = {"ready_requested": 0, "last_received_at": 100.0, "association_ended_at": None,
-           "instance_count": 10}
-    row.update(kw)
-    return row
+def series_row(**kw) -> Series:
+    return replace(Series(series_uid="1.2.3.1", study_uid="1.2.3", last_received_at=100.0,
+                          instance_count=10), **kw)
 
 
 def test_association_end_plus_settle():
@@ -38,10 +35,10 @@ def test_instance_after_association_end_waits_for_quiet_timer():
     assert completion_signal(s, 130.0, settle_s=2, quiet_s=30) == "quiet"
 
 
-def test_the_api_completes_at_once_and_a_count_in_the_row_completes_nothing():
-    """No sender announces a series' size (service/completion.py): a count never completes it."""
-    assert completion_signal(series_row(ready_requested=1), 100.0, 2, 30) == "api"
-    assert completion_signal(series_row(expected_count=10), 100.0, 2, 30) == ""
+def test_the_api_completes_at_once():
+    """No "expected count": no sender announces a series' size (service/completion.py)."""
+    assert completion_signal(series_row(ready_requested=True), 100.0, 2, 30) == "api"
+    assert completion_signal(series_row(), 100.0, 2, 30) == ""
 
 
 @pytest.fixture
@@ -49,12 +46,10 @@ def ich_card():
     return load_card(PROJECT / "models" / "ich_ct")
 
 
-def facts(**kw):
-    row = {"modality": "CT", "sop_class_uid": CT, "body_part": "HEAD",
-           "descriptions": json.dumps(["", ""]), "image_type": json.dumps(["ORIGINAL", "PRIMARY"]),
-           "instance_count": 40}
-    row.update(kw)
-    return row
+def facts(**kw) -> Series:
+    return replace(Series(series_uid="1.2.3.1", study_uid="1.2.3", modality="CT", sop_class_uid=CT,
+                          body_part="HEAD", descriptions=("", ""), image_type=("ORIGINAL", "PRIMARY"),
+                          instance_count=40), **kw)
 
 
 @pytest.mark.parametrize("body,descriptions,taken", [
@@ -67,7 +62,7 @@ def facts(**kw):
     ("", ["", ""], False),
 ])
 def test_ich_selector(ich_card, body, descriptions, taken):
-    route = route_series(facts(body_part=body, descriptions=json.dumps(descriptions)), [ich_card])
+    route = route_series(facts(body_part=body, descriptions=tuple(descriptions)), [ich_card])
     assert bool(route.cards) is taken
     if not taken:
         assert "no model takes this series" in route.reason
@@ -75,7 +70,7 @@ def test_ich_selector(ich_card, body, descriptions, taken):
 
 def test_results_and_localizers_are_not_routed(ich_card):
     assert route_series(facts(modality="SR"), [ich_card]).ignored
-    scout = route_series(facts(image_type=json.dumps(["ORIGINAL", "PRIMARY", "LOCALIZER"])),
+    scout = route_series(facts(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
                          [ich_card])
     assert not scout.cards
 

@@ -34,7 +34,7 @@ def spooled_series(db: StateDB, spool: Path, series_uid: str, n: int = 3, at: fl
 
 def finished_job(db: StateDB, series_uid: str, delivery: str | None, at: float,
                  job_state: str = "done") -> None:
-    series = db.query_one("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+    series = db.series(series_uid)
     db.mark_series(series_uid, "routed", completed_by="test", at=at)
     job_id = db.create_job_if_new(series, "ich_ct", "1", 0, at)
     if job_state == "queued":

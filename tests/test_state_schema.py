@@ -65,7 +65,7 @@ def test_a_state_db_made_by_main_before_migrations_is_adopted_with_its_rows(tmp_
         assert db.query_one("SELECT state FROM outbox")["state"] == "delivered"
         # the old node's job runs again here, and the DB takes new instances as before
         assert db.requeue_orphans("new-node") == 1
-        assert db.lease_job("new-node", 60)["series_uid"] == "1.2.826.0.2.1.1"
+        assert db.lease_job("new-node", 60).series_uid == "1.2.826.0.2.1.1"
         assert db.record_instance(instance(series="1.2.826.0.1.1.2", sop="1.2.826.0.1.1.2.9",
                                            study_uid="1.2.826.0.1.1")) is True
         assert db.query_one("SELECT instance_count FROM series WHERE series_uid='1.2.826.0.1.1.2'")[

@@ -32,8 +32,7 @@ def two(state_db_target):
 def routed_series(db: StateDB, series: str, n_jobs: int = 1) -> list[int]:
     for i in range(3):
         db.record_instance(instance(series=series, sop=f"{series}.{i}", assoc=f"assoc-{series}"))
-    row = db.query_one("SELECT * FROM series WHERE series_uid=?", (series,))
-    created = db.complete_series(series, row["revision"], "test", time.time(),
+    created = db.complete_series(series, db.series(series).revision, "test", time.time(),
                                  [PlannedJob(f"m{k}", "1", 0) for k in range(n_jobs)], "routed")
     return [job_id for job_id, _ in created]
 
@@ -56,7 +55,7 @@ def test_each_job_is_leased_by_exactly_one_instance(two):
     def lease(i: int) -> None:
         db, owner = (a, "a") if i % 2 else (b, "b")
         while (job := db.lease_job(owner, 60)) is not None:
-            taken.append((owner, job["id"]))
+            taken.append((owner, job.id))
 
     in_threads(6, lease)
     assert sorted(job for _, job in taken) == sorted(jobs)  # each once, none missed
@@ -68,11 +67,11 @@ def test_each_job_is_leased_by_exactly_one_instance(two):
 def test_a_job_whose_lease_ran_out_is_taken_over_by_the_other_instance(two):
     a, b = two
     [job] = routed_series(a, "1.2.4.1")
-    assert a.lease_job("a", 0.2)["id"] == job
+    assert a.lease_job("a", 0.2).id == job
     assert b.lease_job("b", 60) is None  # a holds it
     poll(lambda: b.lease_job("b", 60), 10, 0.05, "the lease running out")
     row = a.job(job)
-    assert row["lease_owner"] == "b" and row["attempts"] == 2
+    assert row.lease_owner == "b" and row.attempts == 2
     assert a.renew_job_lease(job, "a", 60) is False  # a's lease is gone
 
 
@@ -80,12 +79,12 @@ def test_one_series_completed_by_two_instances_at_once_gets_its_jobs_once(two):
     a, b = two
     for i in range(3):
         a.record_instance(instance(sop=f"1.2.3.1.{i}"))
-    row = a.query_one("SELECT * FROM series")
+    [row] = a.series_receiving()
     results: list = []
 
     def complete(i: int) -> None:
         db = (a, b)[i % 2]
-        results.append(db.complete_series(row["series_uid"], row["revision"], "association",
+        results.append(db.complete_series(row.series_uid, row.revision, "association",
                                           time.time(), [PlannedJob("ich_ct", "1", 0)], "routed"))
 
     in_threads(8, complete)
@@ -138,8 +137,8 @@ def test_each_delivery_is_sent_by_exactly_one_instance(two):
     def send(i: int) -> None:
         db, owner = (a, "a") if i % 2 else (b, "b")
         while (row := db.lease_delivery(owner, 60)) is not None:
-            leased.append(row["id"])
-            db.mark_delivered(row["id"])
+            leased.append(row.id)
+            db.mark_delivered(row.id)
 
     in_threads(6, send)
     assert len(leased) == 12 and Counter(leased).most_common(1)[0][1] == 1
@@ -154,7 +153,7 @@ def test_a_delivery_in_flight_is_not_sent_again_until_its_lease_runs_out(two):
     assert row is not None and b.lease_delivery("b", 60) is None
     assert a.due_deliveries(time.time()) == []
     taken = poll(lambda: b.lease_delivery("b", 60), 10, 0.05, "the lease running out")
-    assert taken["id"] == row["id"]
+    assert taken.id == row.id
 
 
 def test_retention_keeps_a_series_that_got_a_new_run_after_it_was_found_due(two, tmp_path):
@@ -164,8 +163,7 @@ def test_retention_keeps_a_series_that_got_a_new_run_after_it_was_found_due(two,
     assert a.series_due_for_purge(time.time() + 10) == ["1.2.7.1"]
     # meanwhile, at b: the series is asked to run again, completes and gets run 2
     b.request_ready("1.2.7.1", again=True)
-    row = b.query_one("SELECT * FROM series WHERE series_uid='1.2.7.1'")
-    assert b.complete_series("1.2.7.1", row["revision"], "api", time.time(),
+    assert b.complete_series("1.2.7.1", b.series("1.2.7.1").revision, "api", time.time(),
                              [PlannedJob("m0", "1", 0)], "routed")
     assert a.mark_series_purged("1.2.7.1", time.time()) == []  # a's decision is re-checked
     assert a.query_one("SELECT COUNT(*) AS n FROM instances WHERE purged_at IS NOT NULL")["n"] == 0

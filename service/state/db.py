@@ -29,10 +29,8 @@ from typing import Any
 
 from service.spool import IndexedInstance, InstanceElsewhere
 from service.state.backend import Tx
+from service.state.rows import JOB_FINAL, Delivery, Job, Series
 from service.state.schema import migrate
-
-JOB_ACTIVE = ("queued", "running")
-JOB_FINAL = ("done", "not_analysed", "failed")
 
 
 @dataclass(frozen=True)
@@ -262,8 +260,12 @@ class StateDB:
 
     # --- completion and routing ---------------------------------------------------------
 
-    def series_receiving(self) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM series WHERE state='receiving'")
+    def series_receiving(self) -> list[Series]:
+        return [Series.from_row(r) for r in self.query("SELECT * FROM series WHERE state='receiving'")]
+
+    def series(self, series_uid: str) -> Series | None:
+        row = self.query_one("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+        return Series.from_row(row) if row else None
 
     def series_paths(self, series_uid: str) -> list[str]:
         rows = self.query(
@@ -278,11 +280,12 @@ class StateDB:
             (series_uid,))
         return int(row["n"]) if row else 0
 
-    def last_done_job(self, series_uid: str, model_name: str, before_run: int) -> dict[str, Any] | None:
+    def last_done_job(self, series_uid: str, model_name: str, before_run: int) -> Job | None:
         """The newest run of this series and model before `before_run` that analysed it."""
-        return self.query_one(
+        row = self.query_one(
             """SELECT * FROM jobs WHERE series_uid=? AND model_name=? AND run<? AND state='done'
                ORDER BY run DESC LIMIT 1""", (series_uid, model_name, before_run))
+        return Job.from_row(row) if row else None
 
     def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
         return self.query(
@@ -318,8 +321,8 @@ class StateDB:
             if series is None or series["state"] != "receiving" or series["revision"] != revision:
                 return None
             created = [(job_id, job) for job in planned
-                       if (job_id := self._create_job(tx, series, job.model_name, job.model_version,
-                                                      job.priority, at)) is not None]
+                       if (job_id := self._create_job(tx, Series.from_row(series), job.model_name,
+                                                      job.model_version, job.priority, at)) is not None]
             tx.execute("""UPDATE series SET state=?, reason=?, ready_requested=0, completed_by=?,
                               completed_at=? WHERE series_uid=?""",
                        (state, reason, signal, at, series_uid))
@@ -327,7 +330,7 @@ class StateDB:
                 tx.notify("jobs")
             return created
 
-    def create_job_if_new(self, series: dict[str, Any], model_name: str, model_version: str,
+    def create_job_if_new(self, series: Series, model_name: str, model_version: str,
                           priority: int, completed_at: float) -> int | None:
         """One job per series x model version x run; a new run only when the series changed
         since the last run (new instances, new versions, files back after retention, or a run
@@ -338,15 +341,15 @@ class StateDB:
                 tx.notify("jobs")
             return job_id
 
-    def _create_job(self, tx: Tx, series: dict[str, Any], model_name: str, model_version: str,
+    def _create_job(self, tx: Tx, series: Series, model_name: str, model_version: str,
                     priority: int, completed_at: float) -> int | None:
         last = tx.execute(
             """SELECT run, series_revision FROM jobs
                WHERE series_uid=? AND model_name=? AND model_version=?
                ORDER BY run DESC LIMIT 1""",
-            (series["series_uid"], model_name, model_version)).fetchone()
+            (series.series_uid, model_name, model_version)).fetchone()
         # `series` is the row read before routing, so every model routed to it sees one revision
-        if last and last["series_revision"] == series["revision"]:
+        if last and last["series_revision"] == series.revision:
             return None
         run = (last["run"] + 1) if last else 1
         now = time.time()
@@ -355,17 +358,17 @@ class StateDB:
                    instance_count, priority, series_completed_at, series_revision,
                    created_at, updated_at)
                VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id""",
-            (series["series_uid"], series["study_uid"], model_name, model_version, run,
-             series["instance_count"], priority, completed_at, series["revision"], now, now)).fetchone()
+            (series.series_uid, series.study_uid, model_name, model_version, run,
+             series.instance_count, priority, completed_at, series.revision, now, now)).fetchone()
         return int(row["id"])
 
-    def runs_of(self, series_uid: str) -> list[dict[str, Any]]:
+    def runs_of(self, series_uid: str) -> list[Job]:
         """The newest run per model version of a series (what `POST .../run` weighs)."""
-        return self.query(
+        return [Job.from_row(r) for r in self.query(
             """SELECT j.* FROM jobs j
                WHERE j.series_uid=? AND j.run=(SELECT MAX(run) FROM jobs k WHERE
                    k.series_uid=j.series_uid AND k.model_name=j.model_name
-                   AND k.model_version=j.model_version)""", (series_uid,))
+                   AND k.model_version=j.model_version)""", (series_uid,))]
 
     def previous_run(self, series_uid: str, model_name: str, model_version: str,
                      run: int) -> int | None:
@@ -396,7 +399,7 @@ class StateDB:
                 tx.notify("jobs")
             return cur.rowcount
 
-    def lease_job(self, owner: str, lease_s: float) -> dict[str, Any] | None:
+    def lease_job(self, owner: str, lease_s: float) -> Job | None:
         """Take the next due job (highest priority first), or one whose lease expired; a job
         another instance is taking at this moment is skipped, not waited for."""
         now = time.time()
@@ -413,10 +416,8 @@ class StateDB:
                 """UPDATE jobs SET state='running', lease_owner=?, lease_until=?,
                        attempts=attempts+1, updated_at=? WHERE id=?""",
                 (owner, now + lease_s, now, row["id"]))
-            job = dict(row)
-            job.update(state="running", lease_owner=owner, lease_until=now + lease_s,
-                       attempts=job["attempts"] + 1)
-            return job
+            return Job.from_row({**row, "state": "running", "lease_owner": owner,
+                                 "lease_until": now + lease_s, "attempts": row["attempts"] + 1})
 
     def next_job_at(self) -> float | None:
         """When the next job falls due: a queued one's next attempt, or a lease's expiry."""
@@ -473,8 +474,9 @@ class StateDB:
             if deliveries:
                 tx.notify("outbox")
 
-    def job(self, job_id: int) -> dict[str, Any] | None:
-        return self.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+    def job(self, job_id: int) -> Job | None:
+        row = self.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return Job.from_row(row) if row else None
 
     def job_counts(self) -> dict[str, int]:
         rows = self.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
@@ -486,14 +488,14 @@ class StateDB:
 
     # --- outbox ----------------------------------------------------------------------------
 
-    def due_deliveries(self, now: float, limit: int = 16) -> list[dict[str, Any]]:
+    def due_deliveries(self, now: float, limit: int = 16) -> list[Delivery]:
         """Deliveries due at `now` that no instance holds (a look, not a lease)."""
-        return self.query(
+        return [Delivery.from_row(r) for r in self.query(
             """SELECT * FROM outbox WHERE state='pending' AND next_attempt_at<=?
                    AND (lease_until IS NULL OR lease_until<?)
-               ORDER BY next_attempt_at, id LIMIT ?""", (now, now, limit))
+               ORDER BY next_attempt_at, id LIMIT ?""", (now, now, limit))]
 
-    def lease_delivery(self, owner: str, lease_s: float) -> dict[str, Any] | None:
+    def lease_delivery(self, owner: str, lease_s: float) -> Delivery | None:
         """Take the next due delivery for `lease_s`: no other instance sends it meanwhile."""
         now = time.time()
         with self.transaction() as tx:
@@ -506,7 +508,7 @@ class StateDB:
                 return None
             tx.execute("UPDATE outbox SET lease_owner=?, lease_until=? WHERE id=?",
                        (owner, now + lease_s, row["id"]))
-            return {**row, "lease_owner": owner, "lease_until": now + lease_s}
+            return Delivery.from_row({**row, "lease_owner": owner, "lease_until": now + lease_s})
 
     def next_delivery_at(self) -> float | None:
         """When the next delivery falls due (its next attempt, or the end of its lease)."""
@@ -625,17 +627,19 @@ class StateDB:
     def study(self, study_uid: str) -> dict[str, Any] | None:
         return self.query_one("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
 
-    def series_of(self, study_uid: str) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM series WHERE study_uid=? ORDER BY first_received_at",
-                          (study_uid,))
+    def series_of(self, study_uid: str) -> list[Series]:
+        return [Series.from_row(r) for r in self.query(
+            "SELECT * FROM series WHERE study_uid=? ORDER BY first_received_at", (study_uid,))]
 
-    def jobs_of(self, study_uid: str) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM jobs WHERE study_uid=? ORDER BY id", (study_uid,))
+    def jobs_of(self, study_uid: str) -> list[Job]:
+        return [Job.from_row(r) for r in self.query(
+            "SELECT * FROM jobs WHERE study_uid=? ORDER BY id", (study_uid,))]
 
-    def deliveries_of(self, study_uid: str) -> list[dict[str, Any]]:
-        return self.query(
+    def deliveries_of(self, study_uid: str) -> list[Delivery]:
+        return [Delivery.from_row(r) for r in self.query(
             """SELECT o.* FROM outbox o JOIN jobs j ON j.id=o.job_id
-               WHERE j.study_uid=? ORDER BY o.id""", (study_uid,))
+               WHERE j.study_uid=? ORDER BY o.id""", (study_uid,))]
 
-    def delivery(self, delivery_id: int) -> dict[str, Any] | None:
-        return self.query_one("SELECT * FROM outbox WHERE id=?", (delivery_id,))
+    def delivery(self, delivery_id: int) -> Delivery | None:
+        row = self.query_one("SELECT * FROM outbox WHERE id=?", (delivery_id,))
+        return Delivery.from_row(row) if row else None
