@@ -44,7 +44,7 @@ def _latest_jobs(jobs: list[Job]) -> list[Job]:
     latest: dict[tuple, Job] = {}
     for job in jobs:
         key = (job.series_uid, job.model_name, job.model_version)
-        if key not in latest or job.run > latest[key]["run"]:
+        if key not in latest or job.run > latest[key].run:
             latest[key] = job
     return list(latest.values())
 
