@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests use, each with a file that tells whether it is installed.
 APT_DEPS := dcmtk:/usr/bin/storescu dicom3tools:/usr/bin/dciodvfy orthanc:/usr/sbin/Orthanc \
 	chromium:/usr/bin/chromium libpixelmed-java:/usr/share/java/pixelmed.jar \
-	default-jre-headless:/usr/bin/java
+	default-jre-headless:/usr/bin/java postgresql:/usr/lib/postgresql/15/bin/initdb
 
 # The venv's editable install points at one checkout; a copy (with its .venv) must run its own
 # code, so the checkout's path is part of what the install depends on. pip runs as

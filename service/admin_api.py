@@ -101,8 +101,8 @@ async def discard_delivery(request: Request) -> Response:
     row = node.db.delivery(delivery_id)
     if row is None or not node.db.discard_delivery(delivery_id):
         return PatientJSON({"error": f"delivery {delivery_id} is not dead or pending here"}, status_code=404)
-    job = node.db.job(row["job_id"]) or {}
-    record(request, "discard_delivery", job.get("study_uid"), detail=f"delivery {delivery_id}")
+    job = node.db.job(row.job_id)
+    record(request, "discard_delivery", job.study_uid if job else None, detail=f"delivery {delivery_id}")
     return PatientJSON({"id": delivery_id, "state": "discarded"})
 
 

@@ -30,6 +30,7 @@ ACTIONS = frozenset({
 VIEWS = frozenset({"view_worklist", "view_study", "view_key_image", "view_deliveries"})
 MAX_ROWS = 10_000  # one answer of GET /audit; the export pages through everything
 COLUMNS = ("id", "at", "user", "role", "action", "study_uid", "detail", "address")
+_SELECTED = ", ".join(f'"{c}"' for c in COLUMNS)  # quoted: PostgreSQL reserves `user`
 
 
 class AuditLog:
@@ -50,7 +51,7 @@ class AuditLog:
             return False
         with self.db.transaction() as db:
             db.execute(
-                """INSERT INTO audit_log(at, user, role, action, study_uid, detail, address)
+                """INSERT INTO audit_log(at, "user", role, action, study_uid, detail, address)
                    VALUES (?,?,?,?,?,?,?)""",
                 (now, user, role, action, study_uid, detail[:200], address[:64]))
         return True
@@ -74,7 +75,7 @@ class AuditLog:
         where, args = ["id > ?"], [after_id]
         for column, value in (("user", user), ("study_uid", study_uid), ("action", action)):
             if value:
-                where.append(f"{column} = ?")
+                where.append(f'"{column}" = ?')  # quoted: PostgreSQL reserves `user`
                 args.append(value)
         if since is not None:
             where.append("at >= ?")
@@ -84,7 +85,7 @@ class AuditLog:
             args.append(until)
         args.append(max(1, min(limit, MAX_ROWS)))
         return self.db.query(
-            f"SELECT {', '.join(COLUMNS)} FROM audit_log WHERE {' AND '.join(where)} "
+            f"SELECT {_SELECTED} FROM audit_log WHERE {' AND '.join(where)} "
             "ORDER BY id LIMIT ?", tuple(args))
 
     def export_lines(self, **filters: Any) -> Iterator[str]:

@@ -96,6 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Workers may start elsewhere: hand them absolute paths.
     os.environ["BEFUND_VAR_DIR"] = str(Path(config.var_dir).resolve())
     os.environ["BEFUND_MODELS_DIR"] = str(Path(config.models_dir).resolve())
+    for key in ("spool_dir", "results_dir"):
+        if getattr(config, key):
+            os.environ[f"BEFUND_{key.upper()}"] = str(Path(getattr(config, key)).resolve())
     # A BentoML home per node: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
     # when it starts, so two nodes on one machine sharing ~/bentoml erased each other's
     # metrics, and each node's /metrics showed the other's (raw paths of an older node included).

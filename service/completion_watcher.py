@@ -13,9 +13,11 @@ from pipelines.model_card import ModelCard
 from service import metrics
 from service.completion import completion_signal, next_deadline
 from service.routing import job_priority, route_series
-from service.state_db import JOB_ACTIVE, StateDB
+from service.state_db import JOB_ACTIVE, PlannedJob, Series, SeriesState, StateDB
 
 log = logging.getLogger("befund.completion")
+
+MAX_WAIT_S = 5.0  # between looks without a notification (a late instance at another instance)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,10 @@ class CompletionWatcher:
             self.wake.clear()
 
     def tick(self, now: float) -> float:
-        """Complete and route what is due; return seconds until the next deadline (<= 1 s)."""
-        wait = 1.0
+        """Complete and route what is due; return seconds until the next deadline. Deadlines
+        come from the state DB's rows (any instance's associations and instances); an
+        association's end or the API's trigger, at any instance, wakes the watcher sooner."""
+        wait = min(MAX_WAIT_S, self.db.poll_cap_s)
         created = 0
         for series in self.db.series_receiving():
             signal = completion_signal(series, now, self.settle_s, self.quiet_s)
@@ -93,52 +97,54 @@ class CompletionWatcher:
             self.wake.set()
         return answers
 
-    def _answer(self, series: dict, force: bool) -> RunAnswer:
-        uid = series["series_uid"]
+    def _answer(self, series: Series, force: bool) -> RunAnswer:
+        uid = series.series_uid
         route = route_series(series, self.cards)
         if not route.cards:
-            if series["state"] == "receiving":
+            if series.state is SeriesState.RECEIVING:
                 self.db.request_ready(uid)  # complete now: flagged "not analysed" with the reason
             return RunAnswer(uid, False, route.reason)
-        if series["state"] == "receiving":
+        if series.state is SeriesState.RECEIVING:
             self.db.request_ready(uid)
             return RunAnswer(uid, True, "completed now")
-        latest = {(j["model_name"], j["model_version"]): j for j in self.db.runs_of(uid)}
+        latest = {(j.model_name, j.model_version): j for j in self.db.runs_of(uid)}
         for job in latest.values():
-            if job["state"] in JOB_ACTIVE:
-                return RunAnswer(uid, False, f"run {job['run']} ({job['model_name']} "
-                                             f"{job['model_version']}) is already {job['state']}")
+            if job.state in JOB_ACTIVE:
+                return RunAnswer(uid, False, f"run {job.run} ({job.model_name} "
+                                             f"{job.model_version}) is already {job.state}")
         lasts = [latest.get((c.name, c.version)) for c in route.cards]
-        if any(j is None or j["series_revision"] != series["revision"] for j in lasts):
+        if any(j is None or j.series_revision != series.revision for j in lasts):
             self.db.request_ready(uid)
             return RunAnswer(uid, True, "changed since its last run, or a model has not run on it")
         if force:
             self.db.request_ready(uid, again=True)
             return RunAnswer(uid, True, "run again on request")
-        newest = max(lasts, key=lambda j: j["run"])
-        return RunAnswer(uid, False, f"nothing new since run {newest['run']} ({newest['model_name']} "
-                                     f"{newest['model_version']}, {newest['state']}); ask with "
+        newest = max(lasts, key=lambda j: j.run)
+        return RunAnswer(uid, False, f"nothing new since run {newest.run} ({newest.model_name} "
+                                     f"{newest.model_version}, {newest.state}); ask with "
                                      "force to run it again")
 
-    def _route(self, series: dict, signal: str, now: float) -> int:
-        uid, revision = series["series_uid"], series["revision"]
-        count = series["instance_count"]
+    def _route(self, series: Series, signal: str, now: float) -> int:
+        """Complete the series and create its jobs in one transaction (`complete_series`):
+        when another instance does it first, or an instance arrived since it was read, nothing
+        happens here (the next look sees the new state)."""
+        uid, revision = series.series_uid, series.revision
+        count = series.instance_count
         route = route_series(series, self.cards)
-        created = 0
-        for card in route.cards:
-            job_id = self.db.create_job_if_new(series, card.name, card.version,
-                                               job_priority(card), now)
-            if job_id is not None:
-                created += 1
-                log.info("series %s complete (%s, %d instances): job %s for %s", uid, signal,
-                         count, job_id, card.key)
         if route.cards:
             state, reason = "routed", ""
         elif route.ignored:
             state, reason = "ignored", route.reason
         else:
             state, reason = "no_model", route.reason
+        planned = [PlannedJob(c.name, c.version, job_priority(c)) for c in route.cards]
+        created = self.db.complete_series(uid, revision, signal, now, planned, state, reason)
+        if created is None:
+            return 0
+        metrics.SERIES_COMPLETED.labels(signal).inc()
+        for job_id, job in created:
+            log.info("series %s complete (%s, %d instances): job %s for %s@%s", uid, signal, count,
+                     job_id, job.model_name, job.model_version)
+        if state == "no_model":
             log.info("series %s complete (%s): %s", uid, signal, reason)
-        if self.db.mark_series(uid, state, reason, completed_by=signal, at=now, if_revision=revision):
-            metrics.SERIES_COMPLETED.labels(signal).inc()
-        return created
+        return len(created)

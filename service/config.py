@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 from service.delivery_rules import DeliveryRule, check_rules, parse_rule
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, no control
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a folder name in the spool
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,7 @@ class DeliveryConfig:
     max_backoff_s: float = 300.0
     dead_letter_after_s: float = 24 * 3600.0
     timeout_s: float = 30.0
+    lease_s: float = 300.0  # one instance sends an entry; another takes it over after this
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,12 @@ class Config:
     http_port: int = 3000
     var_dir: str = "var"
     models_dir: str = "models"
-    database_url: str = ""  # empty: SQLite under var_dir
+    database_url: str = ""  # empty: SQLite under var_dir; postgresql://...: several instances may share it
+    database_pool_size: int = 16  # PostgreSQL connections of one instance
+    database_timeout_s: float = 5.0  # PostgreSQL unreachable this long: the call fails (C-STORE 0xA700)
+    instance_id: str = ""  # empty: <hostname>-<pid>; unique among instances that share a state DB
+    spool_dir: str = ""  # empty: var_dir/spool; instances that share a state DB share it too (NFS, CephFS)
+    results_dir: str = ""  # empty: var_dir/results; shared like spool_dir when spool_dir is set
     token: str = ""  # empty: generated once and kept in var_dir/token
     allow: tuple[AllowRule, ...] = (AllowRule("*", "127.0.0.0/8"), AllowRule("*", "::1/128"))
     destinations: tuple[Destination, ...] = ()
@@ -150,6 +158,8 @@ class Config:
     http_max_header_bytes: int = 16384  # all request headers together; more: 431
     # test hook, refused unless BEFUND_TESTING=1: {series UID: stage} (service/job_failures.py)
     fault_injection: tuple[tuple[str, str], ...] = ()
+    # test hook, refused unless BEFUND_TESTING=1: {stage: seconds} each job's stage waits first
+    fault_delays: tuple[tuple[str, float], ...] = ()
     # The worklist (service/reader_rows.py, service/viewer_links.py, service/audit_log.py).
     viewer_url: str = ""  # e.g. "http://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}"; empty: no link
     audit_view_window_s: float = 60.0  # one audit entry per user, view and address within this
@@ -170,11 +180,19 @@ class Config:
 
     @property
     def spool_path(self) -> Path:
-        return self.var_path / "spool"
+        return Path(self.spool_dir) if self.spool_dir else self.var_path / "spool"
 
     @property
     def results_path(self) -> Path:
-        return self.var_path / "results"
+        return Path(self.results_dir) if self.results_dir else self.var_path / "results"
+
+    @property
+    def instance(self) -> str:
+        """This instance's name in leases and associations: `instance_id`, else hostname-pid."""
+        if self.instance_id:
+            return self.instance_id
+        host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:48] or "befund"
+        return f"{host}-{os.getpid()}"
 
     @property
     def db_path(self) -> Path:
@@ -214,6 +232,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = tuple(str(v) for v in value or ())
         elif key == "fault_injection":
             kwargs[key] = _fault_injection(value)
+        elif key == "fault_delays":
+            kwargs[key] = _fault_delays(value)
         else:
             kwargs[key] = _coerce(f, value, f"{where}.{key}")
     return cls(**kwargs)
@@ -265,11 +285,28 @@ def _fault_injection(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(series), str(stage)) for series, stage in value.items())
 
 
+def _fault_delays(value: Any) -> tuple[tuple[str, float], ...]:
+    from service.job_failures import Stage
+
+    if not isinstance(value, dict):
+        raise ConfigError("fault_delays must map stages to seconds")
+    stages = {s.value for s in Stage}
+    out = []
+    for stage, seconds in value.items():
+        if stage not in stages:
+            raise ConfigError(f"fault_delays: {stage!r} is not a stage ({', '.join(sorted(stages))})")
+        try:
+            out.append((str(stage), float(seconds)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"fault_delays.{stage}: {seconds!r} is not a number of seconds") from exc
+    return tuple(out)
+
+
 def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     """`BEFUND_<KEY>` sets a top-level scalar; `BEFUND_PACS=AE@host:port` sets the destination."""
     out: dict[str, Any] = {}
     scalar = {f.name for f in dataclasses.fields(Config)} - set(_NESTED) - {
-        "allow", "destinations", "webhooks", "fault_injection", "delivery_rules"}
+        "allow", "destinations", "webhooks", "fault_injection", "fault_delays", "delivery_rules"}
     for name in scalar:
         key = ENV_PREFIX + name.upper()
         if key in env:
@@ -304,8 +341,10 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     if cfg.inference_provider not in {"cpu", "cuda"}:
         raise ConfigError(f"inference_provider must be cpu or cuda, not {cfg.inference_provider!r}")
     _check_http(cfg)
-    if cfg.fault_injection and env.get("BEFUND_TESTING") != "1":
-        raise ConfigError("fault_injection is a test hook; it is refused unless BEFUND_TESTING=1")
+    _check_state(cfg)
+    if (cfg.fault_injection or cfg.fault_delays) and env.get("BEFUND_TESTING") != "1":
+        raise ConfigError("fault_injection and fault_delays are test hooks; they are refused "
+                          "unless BEFUND_TESTING=1")
     _check_worklist(cfg)
     try:
         check_rules(cfg.destinations, cfg.delivery_rules)
@@ -324,6 +363,22 @@ def _check_worklist(cfg: Config) -> None:
         raise ConfigError(str(exc)) from exc
     if cfg.audit_view_window_s < 0:
         raise ConfigError(f"audit_view_window_s must be 0 or more, not {cfg.audit_view_window_s}")
+
+
+def _check_state(cfg: Config) -> None:
+    """The state DB and the shared storage: a PostgreSQL URL or none, a usable instance name,
+    and results beside a shared spool (another instance delivers what this one encoded)."""
+    if cfg.database_url and not cfg.database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("database_url must be a postgresql:// URL (or empty for SQLite under var_dir)")
+    if cfg.instance_id and not INSTANCE_ID_RE.match(cfg.instance_id):
+        raise ConfigError(f"instance_id {cfg.instance_id!r}: use 1-64 letters, digits, '.', '_' or "
+                          "'-', starting with a letter or digit")
+    if cfg.spool_dir and cfg.database_url and not cfg.results_dir:
+        raise ConfigError("spool_dir is shared: set results_dir to a shared folder too (the "
+                          "instance that delivers a result may not be the one that encoded it)")
+    if cfg.database_pool_size < 2 or cfg.database_timeout_s <= 0 or cfg.delivery.lease_s <= 0:
+        raise ConfigError("database_pool_size must be at least 2, database_timeout_s and "
+                          "delivery.lease_s greater than 0")
 
 
 def _check_http(cfg: Config) -> None:

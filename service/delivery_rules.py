@@ -19,7 +19,10 @@ like one that delivers them (start-up line, `GET /status`, the worklist).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.state.rows import Job
 
 FINDINGS = ("any", "present", "absent", "not_analysed")
 NOWHERE = ("results are not sent anywhere: no destination, HL7 receiver or webhook is configured "
@@ -86,12 +89,12 @@ def destinations_for(destinations: tuple, rules: tuple[DeliveryRule, ...], facts
             if d.name not in ruled or any(r.matches(facts) for r in rules if r.destination == d.name)]
 
 
-def job_facts(db: Any, job: dict[str, Any], analysed: bool, present: bool | None) -> dict[str, Any]:
+def job_facts(db: Any, job: Job, analysed: bool, present: bool | None) -> dict[str, Any]:
     """What rules match on, for one job: its series' modality and sender, and its verdict."""
-    series = db.query_one("SELECT modality FROM series WHERE series_uid=?", (job["series_uid"],)) or {}
+    series = db.query_one("SELECT modality FROM series WHERE series_uid=?", (job.series_uid,)) or {}
     sender = db.query_one(
         "SELECT calling_ae FROM instances WHERE series_uid=? ORDER BY received_at LIMIT 1",
-        (job["series_uid"],)) or {}
+        (job.series_uid,)) or {}
     finding = ("present" if present else "absent") if analysed else "not_analysed"
     return {"modality": series.get("modality") or "", "calling_ae": sender.get("calling_ae") or "",
             "finding": finding}

@@ -29,7 +29,7 @@ import pydicom.config
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from service import pynetdicom_tuning
+from service import metrics, pynetdicom_tuning
 from service.config import Config
 from service.connection_gate import ConnectionGate, start_server
 from service.incoming_files import IncomingFile, IncomingFiles, SpaceGuard
@@ -88,6 +88,17 @@ _STATUS_FOR = {
     InvalidUid: STATUS_CANNOT_UNDERSTAND,
     UnreadableInstance: STATUS_CANNOT_UNDERSTAND,
     IncompletePixelData: STATUS_CANNOT_UNDERSTAND,
+}
+# The `reason` label of befund_instances_rejected_total: one fixed word per kind of refusal,
+# never the exception's text (bounded: a peer cannot make new label values).
+_REASON_FOR = {
+    OutOfSpace: "out_of_space",
+    InstanceTooLarge: "too_large",
+    UidMismatch: "uid_mismatch",
+    InstanceElsewhere: "uid_elsewhere",
+    InvalidUid: "invalid_uid",
+    UnreadableInstance: "unreadable",
+    IncompletePixelData: "incomplete_pixel_data",
 }
 # One SOP Instance UID is stored by one association at a time (from the look-up of its stored
 # version to the commit of the new one); UIDs share these locks by hash.
@@ -255,11 +266,13 @@ class DicomListener:
         """Persist one instance, index it, and only then acknowledge."""
         record = self._assocs.get(id(event.assoc))
         if record is None:  # cannot happen for an accepted association; refuse rather than guess
+            metrics.INSTANCES_REJECTED.labels("internal").inc()
             return STATUS_OUT_OF_RESOURCES
         sop = str(event.request.AffectedSOPInstanceUID or "")
         incoming = _incoming_file(event)
         if incoming is not None and not incoming.claim():  # the disk, the size limit, a write error
-            return self._refused(record, sop, STATUS_OUT_OF_RESOURCES, incoming.failed)
+            return self._refused(record, sop, STATUS_OUT_OF_RESOURCES, incoming.failed,
+                                 _incoming_reason(incoming.failed))
         started = time.monotonic()
         with self._sop_locks[hash(sop) % SOP_LOCK_STRIPES]:
             try:
@@ -272,13 +285,15 @@ class DicomListener:
                                           indexed=self.indexed)
             except SpoolError as exc:
                 return self._refused(record, sop, _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND),
-                                     str(exc))
+                                     str(exc), _REASON_FOR.get(type(exc), "unreadable"))
             except OSError as exc:
                 record.failed += 1
+                metrics.INSTANCES_REJECTED.labels("write_failed").inc()
                 LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), exc.strerror or exc)
                 return STATUS_OUT_OF_RESOURCES
             except Exception as exc:  # noqa: BLE001 - e.g. the state DB's look-up: a failure status
                 record.failed += 1
+                metrics.INSTANCES_REJECTED.labels("state_db").inc()
                 LOG.error("instance %s not stored (0xA700): %s", _safe_uid(sop), type(exc).__name__)
                 return STATUS_OUT_OF_RESOURCES
             status = STATUS_SUCCESS if stored.unchanged else self._index(record, stored)
@@ -301,8 +316,10 @@ class DicomListener:
             self._remove(stored.path)
             if isinstance(exc, SpoolError):
                 return self._refused(record, stored.sop_instance_uid,
-                                     _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND), str(exc))
+                                     _STATUS_FOR.get(type(exc), STATUS_CANNOT_UNDERSTAND), str(exc),
+                                     _REASON_FOR.get(type(exc), "unreadable"))
             record.failed += 1
+            metrics.INSTANCES_REJECTED.labels("state_db").inc()
             LOG.error("instance %s of series %s not indexed, its new file removed (0xA700): %s",
                       stored.sop_instance_uid, stored.series_uid, type(exc).__name__)
             return STATUS_OUT_OF_RESOURCES
@@ -312,8 +329,10 @@ class DicomListener:
                      stored.sop_instance_uid, stored.series_uid, stored.version)
         return STATUS_SUCCESS
 
-    def _refused(self, record: _Association, sop: str, status: int, reason: str) -> int:
+    def _refused(self, record: _Association, sop: str, status: int, reason: str, label: str) -> int:
+        """Count and log a refusal; `label` is the metric's bounded reason, `reason` the log's."""
         record.failed += 1
+        metrics.INSTANCES_REJECTED.labels(label).inc()
         LOG.warning("instance %s refused (0x%04X): %s", _safe_uid(sop), status, reason)
         return status
 
@@ -369,6 +388,15 @@ def _calling_ae(event) -> str:
     if not title and event.assoc.requestor.primitive is not None:
         title = event.assoc.requestor.primitive.calling_ae_title
     return str(title or "").strip()
+
+
+def _incoming_reason(failed: str) -> str:
+    """The metric's reason for an incoming file that stopped (service/incoming_files.py)."""
+    if "max_instance_bytes" in failed:
+        return "too_large"
+    if "watermark" in failed:
+        return "out_of_space"
+    return "write_failed"
 
 
 def _incoming_file(event) -> IncomingFile | None:

@@ -23,7 +23,7 @@ def add_review(db: StateDB, study_uid: str, action: str, user: str, row: dict[st
     now = time.time()
     with db.transaction() as tx:
         tx.execute(
-            """INSERT INTO flag_reviews(study_uid, action, model, model_version, run, user, at)
+            """INSERT INTO flag_reviews(study_uid, action, model, model_version, run, "user", at)
                VALUES (?,?,?,?,?,?,?)""",
             (study_uid, action, row.get("model"), row.get("model_version"), row.get("run"), user, now))
     return {"action": action, "user": user, "at": now}

@@ -154,8 +154,8 @@ async def resend_delivery(request: Request) -> PatientJSON:
     row = node.db.delivery(delivery_id)
     if row is None or not node.resend(delivery_id):
         return PatientJSON({"error": f"delivery {delivery_id} not found"}, status_code=404)
-    job = node.db.job(row["job_id"]) or {}
-    record(request, "resend_delivery", job.get("study_uid"), detail=f"delivery {delivery_id}")
+    job = node.db.job(row.job_id)
+    record(request, "resend_delivery", job.study_uid if job else None, detail=f"delivery {delivery_id}")
     return PatientJSON({"id": delivery_id, "state": "pending"}, status_code=202)
 
 

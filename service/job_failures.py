@@ -19,6 +19,7 @@ peer and no production config can turn it on.
 from __future__ import annotations
 
 import re
+import time
 import traceback
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
@@ -101,12 +102,18 @@ class InjectedFault(RuntimeError):
 
 
 class FaultInjection:
-    """The `fault_injection` test hook: fail `stage` for the series the config names."""
+    """The `fault_injection` test hook: fail `stage` for the series the config names; and
+    `fault_delays`: every job waits this long before entering the stage (a slow analysis, so
+    that tests can kill a node that holds leased jobs)."""
 
-    def __init__(self, faults: Mapping[str, str] | Iterable[tuple[str, str]] = ()):
+    def __init__(self, faults: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+                 delays: Iterable[tuple[str, float]] = ()):
         pairs = faults.items() if isinstance(faults, Mapping) else faults
         self.faults = {series: Stage(stage) for series, stage in pairs}
+        self.delays = {Stage(stage): float(seconds) for stage, seconds in delays}
 
     def check(self, stage: Stage, series_uid: str) -> None:
+        if self.delays.get(stage):
+            time.sleep(self.delays[stage])  # the test hook's slow stage, never configured otherwise
         if self.faults.get(series_uid) is stage:
             raise InjectedFault(f"fault injected into {stage.label} by the test hook")

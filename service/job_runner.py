@@ -15,7 +15,6 @@ encoded or saved, the reason says so and the worklist shows it without an SR.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,7 +33,7 @@ from service import metrics
 from service.config import Config
 from service.durable_files import save_dataset_durably
 from service.job_failures import FaultInjection, Stage, describe_error, frames_of
-from service.state_db import StateDB
+from service.state_db import Job, StateDB
 
 log = logging.getLogger("befund.jobs")
 
@@ -46,12 +45,12 @@ MAX_RETRY_DELAY_S = 60.0
 class Attempt:
     """One attempt of a job: its state-DB row and the stage it is in."""
 
-    job: dict[str, Any]
+    job: Job
     stage: Stage = Stage.ANALYSIS
 
     @property
     def id(self) -> int:
-        return self.job["id"]
+        return self.job.id
 
 
 class JobRunner:
@@ -63,7 +62,7 @@ class JobRunner:
         self.config = config
         self.owner = owner
         self.on_queued = on_queued  # wakes the outbox
-        self.faults = FaultInjection(config.fault_injection)
+        self.faults = FaultInjection(config.fault_injection, config.fault_delays)
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,14 +95,17 @@ class JobRunner:
                 self._stop.wait(1.0)
 
     def _step(self) -> None:
-        """Lease one job and run one attempt of it, or wait up to 0.5 s for one."""
+        """Lease one job and run one attempt of it, or wait for one: until a job is created
+        (the state DB's notification, from any instance), a retry falls due or a lease runs out."""
         job = self.db.lease_job(self.owner, self.config.job_lease_s)
         if job is None:
-            self.wake.wait(0.5)
+            due = self.db.next_job_at()
+            wait = self.db.poll_cap_s if due is None else min(self.db.poll_cap_s, due - time.time())
+            self.wake.wait(max(0.05, wait))
             self.wake.clear()
             return
-        with self._lease_kept(job["id"]):
-            if job["attempts"] > self.config.job_max_attempts:
+        with self._lease_kept(job.id):
+            if job.attempts > self.config.job_max_attempts:
                 self._interrupted_too_often(job)
                 return
             attempt = Attempt(job)
@@ -135,15 +137,15 @@ class JobRunner:
 
     def run_job(self, attempt: Attempt) -> None:
         job = attempt.job
-        key = f"{job['model_name']}@{job['model_version']}"
+        key = job.key
         card = self.cards.get(key)
-        log.info("job %s: %s on series %s run %s (attempt %s)", job["id"], key,
-                 job["series_uid"], job["run"], job["attempts"])
+        log.info("job %s: %s on series %s run %s (attempt %s)", job.id, key,
+                 job.series_uid, job.run, job.attempts)
         if card is None:
             result = AnalysisResult.not_analysed(f"model {key} is no longer installed")
             self._finish(attempt, None, result, "failed", result.reason)
             return
-        purged = self.db.purged_instances(job["series_uid"])
+        purged = self.db.purged_instances(job.series_uid)
         if purged:
             result = AnalysisResult.not_analysed(
                 f"{purged} earlier instance(s) of this series were removed from the spool by "
@@ -159,35 +161,35 @@ class JobRunner:
         """Note the stage in the state DB (a crash in it is reported with it) and run the test hook."""
         attempt.stage = stage
         self.db.record_job_stage(attempt.id, stage.value)
-        self.faults.check(stage, attempt.job["series_uid"])
+        self.faults.check(stage, attempt.job.series_uid)
 
     def _analysis(self, attempt: Attempt, key: str, card: ModelCard) -> AnalysisResult:
         """The model service's result, or the one an earlier attempt of this job kept."""
         job = attempt.job
-        if job.get("analysis"):
-            log.info("job %s: the analysis of an earlier attempt is kept; not run again", job["id"])
-            return AnalysisResult.from_dict(json.loads(job["analysis"]))
+        if job.analysis:
+            log.info("job %s: the analysis of an earlier attempt is kept; not run again", job.id)
+            return AnalysisResult.from_dict(job.analysis)
         self._enter(attempt, Stage.ANALYSIS)
-        paths = self.db.series_paths(job["series_uid"])
+        paths = self.db.series_paths(job.series_uid)
         started = time.time()
         raw = self.analyse(key, paths)
         result = AnalysisResult.from_dict(raw)
         for stage, seconds in result.timings.items():
             metrics.STAGE_SECONDS.labels(card.name, stage).observe(seconds)
         metrics.STAGE_SECONDS.labels(card.name, "model_service").observe(time.time() - started)
-        self.db.keep_job_analysis(job["id"], result.to_dict())
+        self.db.keep_job_analysis(job.id, result.to_dict())
         return result
 
-    def _earlier_verdict(self, job: dict[str, Any]) -> str:
+    def _earlier_verdict(self, job: Job) -> str:
         """What the last analysed run of this series and model said, for the reader of a reason."""
-        row = self.db.last_done_job(job["series_uid"], job["model_name"], job["run"])
+        row = self.db.last_done_job(job.series_uid, job.model_name, job.run)
         if row is None:
             return "No earlier run analysed it."
-        earlier = json.loads(row["result"] or "{}")
+        earlier = row.result
         verdict = "present" if earlier.get("present") else "absent"
         certainty = earlier.get("certainty")
         shown = f" (certainty {100 * certainty:.0f} %)" if isinstance(certainty, (int, float)) else ""
-        return f"Run {row['run']} found the finding {verdict}{shown}; that result stands."
+        return f"Run {row.run} found the finding {verdict}{shown}; that result stands."
 
     def _finish(self, attempt: Attempt, card: ModelCard | None, result: AnalysisResult,
                 state: str, error: str) -> None:
@@ -198,7 +200,7 @@ class JobRunner:
         summary = self._summary(card, result, files, encode_s)
         deliveries = self._deliveries(attempt, files, result)
         self._enter(attempt, Stage.RESULT_ROW)
-        self.db.finish_job(job["id"], state, summary, error, deliveries)
+        self.db.finish_job(job.id, state, summary, error, deliveries)
         self._count(job, card, result, state, encode_s)
 
     def _summary(self, card: ModelCard | None, result: AnalysisResult, files: list[Path],
@@ -214,9 +216,9 @@ class JobRunner:
                                    if result.present else "normal")
         return summary
 
-    def _count(self, job: dict[str, Any], card: ModelCard | None, result: AnalysisResult,
+    def _count(self, job: Job, card: ModelCard | None, result: AnalysisResult,
                state: str, encode_s: float) -> None:
-        name = card.name if card else job["model_name"]
+        name = card.name if card else job.model_name
         metrics.STAGE_SECONDS.labels(name, "encode").observe(encode_s)
         metrics.JOB_OUTCOMES.labels(name, state).inc()
         verdict = ("present" if result.present else "absent") if result.analysed else "not_analysed"
@@ -225,7 +227,7 @@ class JobRunner:
             metrics.WSI_TILES.labels(name).inc(result.measurements["tiles_analysed"])
         if "tissue_fraction" in result.measurements:
             metrics.WSI_TISSUE_FRACTION.observe(result.measurements["tissue_fraction"])
-        log.info("job %s %s: %s%s", job["id"], state, verdict,
+        log.info("job %s %s: %s%s", job.id, state, verdict,
                  f" ({result.reason})" if result.reason else "")
         self.on_queued()
 
@@ -257,7 +259,7 @@ class JobRunner:
         job = attempt.job
         self._enter(attempt, Stage.ENCODE_SR)
         # headers come from files still in the spool (retention may have removed older ones)
-        instances = [r for r in self.db.series_instances(job["series_uid"]) if r["purged_at"] is None]
+        instances = [r for r in self.db.series_instances(job.series_uid) if r["purged_at"] is None]
         by_uid = {r["sop_instance_uid"]: r for r in instances}
         wanted = [k.sop_instance_uid for k in result.key_images if k.sop_instance_uid in by_uid]
         if result.heatmap and result.heatmap.get("level_sop_instance_uid") in by_uid:
@@ -270,10 +272,10 @@ class JobRunner:
             from pipelines.source_header import minimal_source_header
 
             headers = [minimal_source_header(h) for h in headers]
-        uids = result_uids(job["series_uid"], card.key, job["run"])
-        earlier = self.db.previous_run(job["series_uid"], card.name, card.version, job["run"])
-        sr = build_result_sr(card, result, headers, uids, job["run"], supersedes=(
-            result_uids(job["series_uid"], card.key, earlier) if earlier is not None else None))
+        uids = result_uids(job.series_uid, card.key, job.run)
+        earlier = self.db.previous_run(job.series_uid, card.name, card.version, job.run)
+        sr = build_result_sr(card, result, headers, uids, job.run, supersedes=(
+            result_uids(job.series_uid, card.key, earlier) if earlier is not None else None))
         seg = None
         if result.analysed and result.heatmap:
             from pipelines.seg_encoding import build_heatmap_seg
@@ -283,9 +285,9 @@ class JobRunner:
                           if h.SOPInstanceUID == result.heatmap.get("level_sop_instance_uid")),
                          headers[0])
             seg = build_heatmap_seg(card, result, slide, uids.seg_series_uid, uids.seg_sop_uid,
-                                    job["run"])
+                                    job.run)
         self._enter(attempt, Stage.SAVE)
-        folder = self.config.results_path / f"job-{job['id']}"
+        folder = self.config.results_path / f"job-{job.id}"
         files = [save_dataset_durably(sr, folder / "sr.dcm")]
         if seg is not None:
             files.append(save_dataset_durably(seg, folder / "seg.dcm"))
@@ -295,9 +297,9 @@ class JobRunner:
 
     # --- failures ---------------------------------------------------------------------------
 
-    def _private(self, job: dict[str, Any]) -> list[str]:
+    def _private(self, job: Job) -> list[str]:
         """The study's patient identifiers, which an error text must not repeat."""
-        study = self.db.study(job["study_uid"]) or {}
+        study = self.db.study(job.study_uid) or {}
         return [study.get("patient_name") or "", study.get("patient_id") or "",
                 study.get("accession") or ""]
 
@@ -305,29 +307,29 @@ class JobRunner:
         job, stage = attempt.job, attempt.stage
         metrics.JOB_ATTEMPT_FAILURES.labels(stage.value).inc()
         error = describe_error(exc, self._private(job))
-        if job["attempts"] < self.config.job_max_attempts:
-            delay = min(MAX_RETRY_DELAY_S, 2.0 ** job["attempts"])
-            log.warning("job %s attempt %s of %s failed in %s (%s); retry in %.0f s", job["id"],
-                        job["attempts"], self.config.job_max_attempts, stage.label, error, delay)
-            log.debug("job %s failed at:\n%s", job["id"], frames_of(exc))
-            self.db.retry_job_later(job["id"], error, delay)
+        if job.attempts < self.config.job_max_attempts:
+            delay = min(MAX_RETRY_DELAY_S, 2.0 ** job.attempts)
+            log.warning("job %s attempt %s of %s failed in %s (%s); retry in %.0f s", job.id,
+                        job.attempts, self.config.job_max_attempts, stage.label, error, delay)
+            log.debug("job %s failed at:\n%s", job.id, frames_of(exc))
+            self.db.retry_job_later(job.id, error, delay)
             return
-        log.error("job %s failed in %s after %s attempt(s) (%s) at:\n%s", job["id"], stage.label,
-                  job["attempts"], error, frames_of(exc))
-        self._give_up(job, stage, error, job["attempts"])
+        log.error("job %s failed in %s after %s attempt(s) (%s) at:\n%s", job.id, stage.label,
+                  job.attempts, error, frames_of(exc))
+        self._give_up(job, stage, error, job.attempts)
 
-    def _interrupted_too_often(self, job: dict[str, Any]) -> None:
+    def _interrupted_too_often(self, job: Job) -> None:
         """The attempts ran out, the last one ended without an outcome (the node stopped during
         it, e.g. killed for memory in the same slide on every start): give up now."""
-        stage = Stage.stored(job.get("stage"))
-        attempts = job["attempts"] - 1
+        stage = Stage.stored(job.stage)
+        attempts = job.attempts - 1
         error = "the node stopped while the job was running" + (
-            f"; an earlier attempt failed with {job['last_error']}" if job["last_error"] else "")
+            f"; an earlier attempt failed with {job.last_error}" if job.last_error else "")
         log.error("job %s: attempt %s of %s ended without an outcome (the node stopped in %s); "
-                  "giving up", job["id"], attempts, self.config.job_max_attempts, stage.label)
+                  "giving up", job.id, attempts, self.config.job_max_attempts, stage.label)
         self._give_up(job, stage, error, attempts)
 
-    def _give_up(self, job: dict[str, Any], stage: Stage, error: str, attempts: int) -> None:
+    def _give_up(self, job: Job, stage: Stage, error: str, attempts: int) -> None:
         """End the job as failed with a "not analysed" result that names the stage and error.
 
         Its SR goes through the same encoder; when that fails again, once more from a reduced
@@ -335,7 +337,7 @@ class JobRunner:
         recorded without it and the reason says why.
         """
         reason = f"internal error in {stage.label} after {attempts} attempt(s): {error}"
-        key = f"{job['model_name']}@{job['model_version']}"
+        key = job.key
         card = self.cards.get(key)
         attempt = Attempt(job)
         files: list[Path] = []
@@ -351,7 +353,7 @@ class JobRunner:
                        f"({describe_error(exc, self._private(job))})")
         result = AnalysisResult.not_analysed(reason)
         summary = self._summary(card, result, files, 0.0)
-        self.db.finish_job(job["id"], "failed", summary, error, deliveries, stage=stage.value)
+        self.db.finish_job(job.id, "failed", summary, error, deliveries, stage=stage.value)
         self._count(job, card, result, "failed", 0.0)
 
     def _not_analysed_sr(self, attempt: Attempt, card: ModelCard,

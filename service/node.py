@@ -12,7 +12,6 @@ import os
 import secrets
 import threading
 import time
-import uuid
 from pathlib import Path
 
 from pipelines.model_card import ModelCard, usable_cards
@@ -57,7 +56,7 @@ class Node:
     def __init__(self, config: Config, cards: list[ModelCard] | None = None):
         global _current
         self.config = config
-        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = config.instance  # this instance's name in leases and associations
         config.var_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         tighten_var_dir(config.var_path)
         self.token = load_or_create_token(config)
@@ -67,15 +66,23 @@ class Node:
             for folder, error in self.card_errors.items():
                 log.error("model %s not loaded: %s", folder, error)
         self.cards = cards
-        self.db = StateDB(config.db_path)
+        self.db = StateDB(config.database_url or config.db_path, instance_id=self.owner,
+                          pool_size=config.database_pool_size, timeout_s=config.database_timeout_s)
+        log.info("state DB: %s (schema version %d), instance %s", self.db.describe(),
+                 self.db.schema_version, self.owner)
         self.spool = Spool(config.spool_path, config.min_free_bytes,
-                           max_instance_bytes=config.max_instance_bytes)
-        self.outbox = Outbox(self.db, config, tls_context=self._client_tls())
+                           max_instance_bytes=config.max_instance_bytes,
+                           instance=self.owner if self.db.shared else "")
+        self.outbox = Outbox(self.db, config, tls_context=self._client_tls(), owner=self.owner)
         self.completion = CompletionWatcher(self.db, self.cards, config.settle_s, config.quiet_s,
                                             on_jobs=self._jobs_created)
         self.listener = DicomListener(config, self.spool, self._on_instance,
                                       self._on_association_end, indexed=self.db.indexed_instance)
         self.retention = RetentionCleaner(self.db, config.spool_path, config.retention_hours)
+        # any instance's new job, new delivery or ended association wakes the thread that waits for it
+        self.db.subscribe("series", self.completion.wake.set)
+        self.db.subscribe("outbox", self.outbox.wake.set)
+        self.db.subscribe("jobs", self._jobs_created)
         self.runner: JobRunner | None = None
         self._metrics_stop = threading.Event()
         self._last_failing: str | None = None
@@ -85,6 +92,8 @@ class Node:
 
     def start_receiving(self) -> None:
         self.spool.sweep_tmp()
+        # associations a process that is gone held (SQLite: any; PostgreSQL: this instance's)
+        self.db.end_associations_left_open(self.owner if self.db.shared else None, time.time())
         self.reconcile_spool()
         self.listener.start()
         self.completion.start()
@@ -236,8 +245,7 @@ class Node:
                 counts = self.db.job_counts()
                 for state in ("queued", "running", "done", "not_analysed", "failed"):
                     metrics.JOBS.labels(state).set(counts.get(state, 0))
-                rows = self.db.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
-                by_state = {r["state"]: r["n"] for r in rows}
+                by_state = self.db.outbox_counts()
                 for state in ("pending", "delivered", "dead"):
                     metrics.OUTBOX_PENDING.labels(state).set(by_state.get(state, 0))
                 metrics.SPOOL_FREE_BYTES.set(self.spool.free_bytes())

@@ -12,7 +12,6 @@ full disk or a refused model card is not fixed by restarting).
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
     from service.node import Node
 
 _GB = 1024**3
+STATE_DB_PROBE_S = 2.0  # a probe waits at most this long for the state DB
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,12 @@ def _spool(node: Node) -> Check:
 
 def _state_db(node: Node) -> Check:
     try:
-        node.db.query("SELECT 1 FROM jobs LIMIT 1")
-    except sqlite3.Error as e:
-        return Check("state_db", False, f"the state DB cannot be read: {e}")
-    return Check("state_db", True, "answers")
+        node.db.ping(STATE_DB_PROBE_S)
+    except Exception as e:  # noqa: BLE001 - sqlite3, psycopg and pool errors alike: not ready
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        return Check("state_db", False, f"the state DB ({node.db.describe()}) cannot be read: "
+                                        f"{detail}; new instances are refused (out of resources)")
+    return Check("state_db", True, f"{node.db.describe()} answers")
 
 
 def _models(node: Node) -> Check:

@@ -8,7 +8,6 @@ failure re-sends the same object, never a duplicate with new UIDs.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -22,12 +21,13 @@ from pynetdicom.sop_class import Verification  # noqa: F401 - keeps pynetdicom's
 from service import metrics
 from service.config import Config, Destination
 from service.delivery_errors import DeliveryError
-from service.state_db import StateDB
+from service.state_db import Delivery, Job, StateDB
 
 log = logging.getLogger("befund.outbox")
 
 # Send what dciodvfy and every PACS can read; pynetdicom's defaults include Deflated.
 RESULT_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+ROUND = 16  # deliveries attempted before the outbox looks at its stop flag and the clock again
 
 
 def backoff_delay(attempts: int, initial_s: float, max_s: float, rng: random.Random) -> float:
@@ -66,9 +66,10 @@ def cstore_files(dest: Destination, calling_ae: str, files: list[str], timeout_s
 
 class Outbox:
     def __init__(self, db: StateDB, config: Config, tls_context: Any = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, owner: str = ""):
         self.db = db
         self.config = config
+        self.owner = owner or config.instance  # the name this instance leases deliveries in
         self.tls_context = tls_context
         self.rng = rng or random.Random()
         self.wake = threading.Event()
@@ -102,50 +103,55 @@ class Outbox:
                 self.wake.clear()
 
     def _deliver_due(self) -> float:
-        """Attempt what is due; return seconds to wait before the next look (0: look again now)."""
-        due = self.db.due_deliveries(time.time())
-        for row in due:
+        """Attempt what is due, one leased entry at a time (no other instance sends it
+        meanwhile); return seconds to wait before the next look (0: look again now). Between
+        looks the outbox waits for the state DB's notification of a new entry, from any instance."""
+        for _ in range(ROUND):
             if self._stop.is_set():
                 return 0.0
+            row = self.db.lease_delivery(self.owner, self.config.delivery.lease_s)
+            if row is None:
+                break
             self.attempt(row)
-        if due:
+        else:
             return 0.0
         nxt = self.db.next_delivery_at()
-        return 1.0 if nxt is None else max(0.05, min(1.0, nxt - time.time()))
+        cap = self.db.poll_cap_s
+        return cap if nxt is None else max(0.05, min(cap, nxt - time.time()))
 
-    def attempt(self, row: dict[str, Any]) -> bool:
+    def attempt(self, row: Delivery) -> bool:
         """Try one delivery; record success, or schedule the next try (or dead letter)."""
-        payload = json.loads(row["payload"])
+        payload = row.payload
         try:
             self._send(row, payload)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded and retried
             error = f"{type(exc).__name__}: {exc}"[:500]
-            attempts = row["attempts"] + 1
-            age = time.time() - row["created_at"]
+            attempts = row.attempts + 1
+            age = time.time() - row.created_at
             dead = age >= self.config.delivery.dead_letter_after_s
             delay = backoff_delay(attempts, self.config.delivery.initial_backoff_s,
                                   self.config.delivery.max_backoff_s, self.rng)
-            self.db.mark_delivery_failed(row["id"], error, time.time() + delay, dead)
-            metrics.DELIVERIES.labels(row["kind"], "dead" if dead else "retry").inc()
-            log.warning("delivery %s (%s to %s) failed, attempt %d: %s; %s", row["id"], row["kind"],
-                        row["destination"], attempts, error,
+            self.db.mark_delivery_failed(row.id, error, time.time() + delay, dead)
+            metrics.DELIVERIES.labels(row.kind, "dead" if dead else "retry").inc()
+            log.warning("delivery %s (%s to %s) failed, attempt %d: %s; %s", row.id, row.kind,
+                        row.destination, attempts, error,
                         "dead letter" if dead else f"next try in {delay:.1f} s")
             return False
-        self.db.mark_delivered(row["id"])
-        metrics.DELIVERIES.labels(row["kind"], "delivered").inc()
-        job = self.db.job(row["job_id"])
-        if job and job.get("series_completed_at"):
-            metrics.TIME_TO_RESULT.labels(job["model_name"], row["kind"]).observe(
-                time.time() - job["series_completed_at"])
-        log.info("delivery %s (%s to %s) accepted", row["id"], row["kind"], row["destination"])
+        self.db.mark_delivered(row.id)
+        metrics.DELIVERIES.labels(row.kind, "delivered").inc()
+        job = self.db.job(row.job_id)
+        if job and job.series_completed_at:
+            metrics.TIME_TO_RESULT.labels(job.model_name, row.kind).observe(
+                time.time() - job.series_completed_at)
+        log.info("delivery %s (%s to %s) accepted", row.id, row.kind, row.destination)
         return True
 
-    def _send(self, row: dict[str, Any], payload: dict[str, Any]) -> None:
-        kind = row["kind"]
+    def _send(self, row: Delivery, payload: dict[str, Any]) -> None:
+        kind = row.kind
         if kind == "dicom":
-            dest = self._destinations.get(row["destination"])
+            dest = self._destinations.get(row.destination)
             if dest is None:
-                raise DeliveryError(f"destination {row['destination']!r} is not configured")
+                raise DeliveryError(f"destination {row.destination!r} is not configured")
             cstore_files(dest, self.config.ae_title, payload["files"],
                          self.config.delivery.timeout_s,
                          self.tls_context if dest.tls else None)
@@ -156,39 +162,37 @@ class Outbox:
         else:
             raise DeliveryError(f"unknown delivery kind {kind!r}")
 
-    def _notification(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        job = self.db.job(row["job_id"])
+    def _notification(self, row: Delivery) -> tuple[dict[str, Any], Job]:
+        job = self.db.job(row.job_id)
         if job is None:
-            raise DeliveryError(f"job {row['job_id']} is gone")
-        study = self.db.study(job["study_uid"]) or {"study_uid": job["study_uid"]}
-        job = dict(job)
-        job["result"] = json.loads(job["result"] or "{}")
+            raise DeliveryError(f"job {row.job_id} is gone")
+        study = self.db.study(job.study_uid) or {"study_uid": job.study_uid}
         return study, job
 
-    def _send_hl7(self, row: dict[str, Any]) -> None:
+    def _send_hl7(self, row: Delivery) -> None:
         from datetime import datetime
 
         from service.hl7_notifier import build_oru_r01, send_mllp
 
         study, job = self._notification(row)
         cfg = self.config.hl7
-        message = build_oru_r01(study, job, sending_facility=cfg.sending_facility,
+        message = build_oru_r01(study, job.as_dict(), sending_facility=cfg.sending_facility,
                                 receiving_application=cfg.receiving_application,
-                                control_id=f"BEFUND{row['id']}", now=datetime.now())
+                                control_id=f"BEFUND{row.id}", now=datetime.now())
         send_mllp(cfg.host, cfg.port, message, self.config.delivery.timeout_s)
 
-    def _send_webhook(self, row: dict[str, Any]) -> None:
+    def _send_webhook(self, row: Delivery) -> None:
         from service.webhook import post_json
 
         study, job = self._notification(row)
-        result = job["result"]
+        result = job.result
         payload = {
             "event": "result",
-            "study_uid": job["study_uid"], "series_uid": job["series_uid"],
+            "study_uid": job.study_uid, "series_uid": job.series_uid,
             "accession": study.get("accession"),
-            "model": job["model_name"], "model_version": job["model_version"], "run": job["run"],
-            "state": job["state"], "present": result.get("present"),
+            "model": job.model_name, "model_version": job.model_version, "run": job.run,
+            "state": str(job.state), "present": result.get("present"),
             "certainty": result.get("certainty"), "reason": result.get("reason"),
             "finding": result.get("finding"), "priority": result.get("priority"),
         }
-        post_json(row["destination"], payload, self.config.delivery.timeout_s)
+        post_json(row.destination, payload, self.config.delivery.timeout_s)

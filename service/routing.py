@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.model_card import ModelCard
+from service.state.rows import Series
 
 # Series we produce or that carry no pixels for analysis: never routed, never flagged.
 RESULT_MODALITIES = frozenset({"SR", "SEG", "KO", "PR", "RTSTRUCT", "DOC"})
@@ -21,19 +21,19 @@ class Route:
     ignored: bool = False  # result objects and the like: no job and no "not analysed" flag
 
 
-def series_facts(series: dict[str, Any]) -> dict[str, Any]:
-    """The routing view of a series row from the state DB."""
+def series_facts(series: Series) -> dict[str, Any]:
+    """The routing view of a series (what model cards' selectors match on)."""
     return {
-        "modality": series.get("modality") or "",
-        "sop_class_uid": series.get("sop_class_uid") or "",
-        "body_part": series.get("body_part") or "",
-        "descriptions": tuple(json.loads(series.get("descriptions") or "[]")),
-        "image_type": tuple(json.loads(series.get("image_type") or "[]")),
-        "instance_count": series.get("instance_count") or 0,
+        "modality": series.modality,
+        "sop_class_uid": series.sop_class_uid,
+        "body_part": series.body_part,
+        "descriptions": series.descriptions,
+        "image_type": series.image_type,
+        "instance_count": series.instance_count,
     }
 
 
-def route_series(series: dict[str, Any], cards: list[ModelCard]) -> Route:
+def route_series(series: Series, cards: list[ModelCard]) -> Route:
     facts = series_facts(series)
     if facts["modality"].upper() in RESULT_MODALITIES:
         return Route((), f"{facts['modality']} series are results, not images", ignored=True)

@@ -44,6 +44,9 @@ INSTANCE_SUFFIX = ".dcm"
 INSTANCE_NAME_RE = re.compile(r"^(?P<sop>[0-9]+(?:\.[0-9]+)*?)(?:\.v(?P<version>[1-9][0-9]*))?\.dcm$")
 COPY_CHUNK = 8 * 1024 * 1024
 DEFER_SIZE = 4096  # header values above this stay on disk while parsing
+# In a shared spool another instance's incoming or tmp file untouched this long is a leftover
+# (a live transfer writes at least every network_timeout_s, 60 s by default).
+SHARED_LEFTOVER_AGE_S = 3600.0
 
 # Only these elements are read from the header (everything else is skipped by seeking).
 HEADER_KEYWORDS = (
@@ -208,13 +211,17 @@ def _multi(ds, keyword: str) -> tuple[str, ...]:
 class Spool:
     """Files on disk under `root/<study>/<series>/<sop>.dcm`, written atomically and durably."""
 
-    def __init__(self, root: Path, min_free_bytes: int, *, max_instance_bytes: int | None = None):
+    def __init__(self, root: Path, min_free_bytes: int, *, max_instance_bytes: int | None = None,
+                 instance: str = ""):
+        """`instance`: this instance's name when several share the spool; its incoming files
+        then have a folder of their own, and another instance's leftovers go only when old."""
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
         self.root.mkdir(parents=True, exist_ok=True)
-        self.incoming = self.root / INCOMING_DIR
-        self.incoming.mkdir(exist_ok=True)
+        self.incoming = self.root / INCOMING_DIR / instance if instance else self.root / INCOMING_DIR
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.shared = bool(instance)
         self._known_dirs: set[Path] = set()
         self._dir_lock = threading.Lock()
 
@@ -413,16 +420,26 @@ class Spool:
                 _fsync_dir(self.root)
 
     def sweep_tmp(self) -> int:
-        """Remove leftovers of interrupted writes; partial files never count. Returns the count."""
+        """Remove leftovers of interrupted writes; partial files never count. Returns the count.
+
+        In a shared spool, other instances' incoming and tmp files may be in use: only those
+        untouched for SHARED_LEFTOVER_AGE_S go (an instance that died left them)."""
         removed = 0
         for p in list(self.incoming.iterdir()):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed += 1
-        for p in self.root.glob(f"*/*/.*{TMP_SUFFIX}"):
+        cutoff = time.time() - SHARED_LEFTOVER_AGE_S if self.shared else float("inf")
+        others = [d for d in self.incoming.parent.iterdir() if d != self.incoming and d.is_dir()] \
+            if self.shared else []
+        for p in [*(f for d in others for f in d.iterdir()), *self.root.glob(f"*/*/.*{TMP_SUFFIX}")]:
             with contextlib.suppress(OSError):
-                p.unlink()
-                removed += 1
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    removed += 1
+        for d in others:
+            with contextlib.suppress(OSError):  # only when empty
+                d.rmdir()
         return removed
 
     def iter_instances(self) -> Iterator[Path]:

@@ -7,7 +7,6 @@ the window and slice position in the caption; for slides the heatmap with its co
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -16,20 +15,21 @@ import pydicom
 
 from pipelines.key_images import render_ct_key_image, render_slide_key_image, slice_label, window_label
 from service.node import current_node
+from service.state_db import Job, JobState
 from service.study_status import lead_job
 
 log = logging.getLogger("befund.worklist")
 
 
-def _lead_job(node: Any, study_uid: str) -> dict | None:
+def _lead_job(node: Any, study_uid: str) -> Job | None:
     """The analysed job whose result the row shows (service/study_status.py `lead_job`)."""
     job = lead_job(node.db.jobs_of(study_uid))
-    return job if job is not None and job["state"] == "done" and job["result"] else None
+    return job if job is not None and job.state is JobState.DONE and job.result else None
 
 
-def _card(node: Any, job: dict) -> Any:
+def _card(node: Any, job: Job) -> Any:
     return next((c for c in node.cards
-                 if c.name == job["model_name"] and c.version == job["model_version"]), None)
+                 if c.name == job.model_name and c.version == job.model_version), None)
 
 
 def _window(card: Any) -> tuple[float, float]:
@@ -55,12 +55,12 @@ class NodeWorklistSource:
         job = _lead_job(node, study_uid)
         if job is None:
             return []
-        result = json.loads(job["result"])
+        result = job.result
         if result.get("heatmap"):
             return [{"url": f"/studies/{study_uid}/key-images/0.png",
                      "label": "slide with the tile probability map"}]
         card = _card(node, job)
-        order = [r["sop_instance_uid"] for r in node.db.series_instances(job["series_uid"])]
+        order = [r["sop_instance_uid"] for r in node.db.series_instances(job.series_uid)]
         views = []
         for i, key in enumerate(result.get("key_images") or []):
             uid = key["sop_instance_uid"]
@@ -74,10 +74,10 @@ class NodeWorklistSource:
         job = _lead_job(node, study_uid)
         if job is None:
             return None
-        result = json.loads(job["result"])
+        result = job.result
         # the pixels that run analysed: a newer version of an image belongs to a later run
-        instances = [r for r in node.db.series_instances(job["series_uid"]) if r["purged_at"] is None
-                     and (r["version"] == 1 or (r["received_at"] or 0) <= job["created_at"])]
+        instances = [r for r in node.db.series_instances(job.series_uid) if r["purged_at"] is None
+                     and (r["version"] == 1 or (r["received_at"] or 0) <= job.created_at)]
         try:
             if result.get("heatmap"):
                 return self._slide_png(result, instances, _card(node, job)) if index == 0 else None

@@ -1,6 +1,6 @@
-"""Series completion signals and routing by model-card selectors, on a real SQLite state DB."""
+"""Series completion signals and routing by model-card selectors, on a real state DB (SQLite and
+PostgreSQL: the `state_db_target` fixture runs each DB test once per backend)."""
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,17 +12,15 @@ from service.completion import completion_signal
 from service.completion_watcher import CompletionWatcher
 from service.routing import route_series
 from service.spool import StoredInstance
-from service.state_db import StateDB
+from service.state_db import Series, StateDB
 
 PROJECT = Path(__file__).resolve().parent.parent
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def series_row(**kw):
-    row = {"ready_requested": 0, "last_received_at": 100.0, "association_ended_at": None,
-           "instance_count": 10, "expected_count": None}
-    row.update(kw)
-    return row
+def series_row(**kw) -> Series:
+    return replace(Series(series_uid="1.2.3.1", study_uid="1.2.3", last_received_at=100.0,
+                          instance_count=10), **kw)
 
 
 def test_association_end_plus_settle():
@@ -37,9 +35,10 @@ def test_instance_after_association_end_waits_for_quiet_timer():
     assert completion_signal(s, 130.0, settle_s=2, quiet_s=30) == "quiet"
 
 
-def test_api_and_expected_count_win():
-    assert completion_signal(series_row(ready_requested=1), 100.0, 2, 30) == "api"
-    assert completion_signal(series_row(expected_count=10), 100.0, 2, 30) == "expected"
+def test_the_api_completes_at_once():
+    """No "expected count": no sender announces a series' size (service/completion.py)."""
+    assert completion_signal(series_row(ready_requested=True), 100.0, 2, 30) == "api"
+    assert completion_signal(series_row(), 100.0, 2, 30) == ""
 
 
 @pytest.fixture
@@ -47,12 +46,10 @@ def ich_card():
     return load_card(PROJECT / "models" / "ich_ct")
 
 
-def facts(**kw):
-    row = {"modality": "CT", "sop_class_uid": CT, "body_part": "HEAD",
-           "descriptions": json.dumps(["", ""]), "image_type": json.dumps(["ORIGINAL", "PRIMARY"]),
-           "instance_count": 40}
-    row.update(kw)
-    return row
+def facts(**kw) -> Series:
+    return replace(Series(series_uid="1.2.3.1", study_uid="1.2.3", modality="CT", sop_class_uid=CT,
+                          body_part="HEAD", descriptions=("", ""), image_type=("ORIGINAL", "PRIMARY"),
+                          instance_count=40), **kw)
 
 
 @pytest.mark.parametrize("body,descriptions,taken", [
@@ -65,7 +62,7 @@ def facts(**kw):
     ("", ["", ""], False),
 ])
 def test_ich_selector(ich_card, body, descriptions, taken):
-    route = route_series(facts(body_part=body, descriptions=json.dumps(descriptions)), [ich_card])
+    route = route_series(facts(body_part=body, descriptions=tuple(descriptions)), [ich_card])
     assert bool(route.cards) is taken
     if not taken:
         assert "no model takes this series" in route.reason
@@ -73,7 +70,7 @@ def test_ich_selector(ich_card, body, descriptions, taken):
 
 def test_results_and_localizers_are_not_routed(ich_card):
     assert route_series(facts(modality="SR"), [ich_card]).ignored
-    scout = route_series(facts(image_type=json.dumps(["ORIGINAL", "PRIMARY", "LOCALIZER"])),
+    scout = route_series(facts(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
                          [ich_card])
     assert not scout.cards
 
@@ -89,8 +86,8 @@ def instance(series="1.2.3.1", sop="1.2.3.1.1", assoc="a1", **kw):
     return replace(base, **kw)
 
 
-def test_same_instances_again_start_no_new_run_but_late_ones_do(tmp_path, ich_card):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_same_instances_again_start_no_new_run_but_late_ones_do(state_db_target, ich_card):
+    db = StateDB(state_db_target)
     for i in range(3):
         db.record_instance(instance(sop=f"1.2.3.1.{i}"))
     db.record_association_end("a1", time.time() - 10)
@@ -116,8 +113,8 @@ def test_same_instances_again_start_no_new_run_but_late_ones_do(tmp_path, ich_ca
     assert runs == [{"run": 1, "instance_count": 3}, {"run": 2, "instance_count": 4}]
 
 
-def test_series_no_model_is_flagged_with_reason(tmp_path, ich_card):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_series_no_model_is_flagged_with_reason(state_db_target, ich_card):
+    db = StateDB(state_db_target)
     db.record_instance(instance(body_part="CHEST", descriptions=("Thorax", "")))
     db.record_association_end("a1", time.time() - 10)
     CompletionWatcher(db, [ich_card], 1, 30, on_jobs=lambda: None).tick(time.time())
@@ -125,8 +122,8 @@ def test_series_no_model_is_flagged_with_reason(tmp_path, ich_card):
     assert row["state"] == "no_model" and "CHEST" in row["reason"]
 
 
-def test_a_new_version_of_an_instance_starts_a_new_run_and_force_runs_again(tmp_path, ich_card):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_a_new_version_of_an_instance_starts_a_new_run_and_force_runs_again(state_db_target, ich_card):
+    db = StateDB(state_db_target)
     for i in range(3):
         db.record_instance(instance(sop=f"1.2.3.1.{i}"))
     db.record_association_end("a1", time.time() - 10)
@@ -154,10 +151,10 @@ def test_a_new_version_of_an_instance_starts_a_new_run_and_force_runs_again(tmp_
     assert watcher.request_run("1.9.9") is None  # an unknown study
 
 
-def test_the_same_sop_instance_uid_under_another_series_is_refused_and_moves_nothing(tmp_path):
+def test_the_same_sop_instance_uid_under_another_series_is_refused_and_moves_nothing(state_db_target):
     from service.spool import InstanceElsewhere
 
-    db = StateDB(tmp_path / "state.sqlite")
+    db = StateDB(state_db_target)
     db.record_instance(instance(sop="1.2.3.1.1"))
     with pytest.raises(InstanceElsewhere):
         db.record_instance(instance(sop="1.2.3.1.1", series="1.2.3.2", assoc="a2"))

@@ -546,3 +546,30 @@ def test_incoming_files_never_make_the_receive_path_wait(tmp_path):
         f.close()
     pool.close()
     assert sorted(p.stat().st_size for p in tmp_path.iterdir()) == [1] * 5
+
+
+def rejected(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("befund_instances_rejected_total", {"reason": reason}) or 0.0
+
+
+def test_each_refusal_is_counted_by_a_fixed_reason(node, tmp_path):
+    """befund_instances_rejected_total{reason}: one word per kind of refusal, never peer text."""
+    before = {r: rejected(r) for r in ("invalid_uid", "out_of_space", "too_large", "state_db")}
+    listener, _, _ = node()
+    ds = dcmread(make_ct(tmp_path / "a.dcm"))
+    ds.SeriesInstanceUID = "1.2.a<script>"
+    assert send_with_pynetdicom(listener.port, [ds])[0] in range(0xC000, 0xD000)
+    # one after the other: the listeners share a spool, and each one sweeps it when it starts
+    for limits in ({"min_free_bytes": 1 << 62}, {"max_instance_bytes": 4096}, {}):
+        listener, _, _ = node(Recorder(fail=not limits), **limits)
+        assert send_with_pynetdicom(listener.port, [dcmread(tmp_path / "a.dcm")])[0] == 0xA700
+    assert {r: rejected(r) - n for r, n in before.items()} == {
+        "invalid_uid": 1, "out_of_space": 1, "too_large": 1, "state_db": 1}
+    from prometheus_client import REGISTRY
+
+    labels = {s.labels["reason"] for m in REGISTRY.collect() if m.name == "befund_instances_rejected"
+              for s in m.samples}
+    assert labels <= {"internal", "out_of_space", "too_large", "uid_mismatch", "uid_elsewhere",
+                      "invalid_uid", "unreadable", "incomplete_pixel_data", "write_failed", "state_db"}

@@ -75,8 +75,7 @@ class Receiver:
         assert self.files() - before <= {inst.path} and before - self.files() <= {source}
         assert not list(self.spool.root.glob("*/*/.*.tmp"))
         assert self.db.record_instance(inst) is True
-        [series] = self.db.query("SELECT * FROM series WHERE series_uid=?", (inst.series_uid,))
-        route = route_series(series, self.cards)
+        route = route_series(self.db.series(inst.series_uid), self.cards)
         assert route.cards or route.reason
         self.stored += 1
         self.spool.remove(inst.path)  # keep the sandbox small: every check walks it

@@ -15,7 +15,6 @@ than the job lease is not leased a second time.
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import subprocess
@@ -234,10 +233,10 @@ def queue_one_ct_job(var: Path, work: Path) -> tuple[int, str]:
         paths = write_ct_series(work, finding="none", slices=16, seed=7401)
         for p in paths:
             node.db.record_instance(node.spool.store(p, association_id="a", move=False))
-        [series] = node.db.query("SELECT * FROM series")
+        [series] = node.db.series_receiving()
         [card] = [c for c in node.cards if c.name == "ich_ct"]
         job_id = node.db.create_job_if_new(series, card.name, card.version, 0, time.time())
-        return job_id, series["study_uid"]
+        return job_id, series.study_uid
     finally:
         node.stop()
 
@@ -267,13 +266,13 @@ def test_a_job_the_node_dies_in_on_every_start_ends_after_the_last_attempt(tmp_p
     calls = []
     try:
         node.start_jobs(lambda model, paths: calls.append(model) or {})
-        job = poll(lambda: (lambda j: j if j["state"] == "failed" else None)(node.db.job(job_id)),
+        job = poll(lambda: (lambda j: j if j.state == "failed" else None)(node.db.job(job_id)),
                    60, 0.1, "the job given up")
     finally:
         node.stop()
     assert calls == [], "the job ran a third time"
-    assert job["attempts"] == MAX_ATTEMPTS + 1 and job["stage"] == "analysis"
-    reason = json.loads(job["result"])["reason"]
+    assert job.attempts == MAX_ATTEMPTS + 1 and job.stage == "analysis"
+    reason = job.result["reason"]
     assert reason.startswith(f"internal error in analysis after {MAX_ATTEMPTS} attempt(s): "
                              "the node stopped while the job was running"), reason
     sr = pydicom.dcmread(var / "results" / f"job-{job_id}" / "sr.dcm")
@@ -300,10 +299,10 @@ def test_an_analysis_longer_than_the_job_lease_is_not_leased_twice(tmp_path):
         # three lease periods pass while the first attempt still analyses
         poll(lambda: time.time() > started + 3 * lease_s, 10, 0.05, "three lease periods")
         job = node.db.job(job_id)
-        assert len(calls) == 1 and job["attempts"] == 1 and job["state"] == "running", (calls, job)
-        assert job["lease_until"] > time.time()
+        assert len(calls) == 1 and job.attempts == 1 and job.state == "running", (calls, job)
+        assert job.lease_until > time.time()
         release.set()
-        poll(lambda: node.db.job(job_id)["state"] == "not_analysed", 30, 0.05, "the job finished")
+        poll(lambda: node.db.job(job_id).state == "not_analysed", 30, 0.05, "the job finished")
     finally:
         release.set()
         node.stop()

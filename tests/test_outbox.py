@@ -48,31 +48,31 @@ def queue_one(db, path):
                       instance_count, created_at, updated_at) VALUES ('1.2','1','m','1',1,1,0,0)""")
     job_id = db.query_one("SELECT id FROM jobs")["id"]
     db.finish_job(job_id, "done", {}, "", [("dicom", "pacs", {"files": [str(path)]})])
-    return db.query_one("SELECT * FROM outbox")
+    return db.due_deliveries(time.time())[0]
 
 
-def make_outbox(tmp_path, port, **delivery):
+def make_outbox(tmp_path, target, port, **delivery):
     cfg = Config(var_dir=str(tmp_path / "var"),
                  destinations=(Destination("STORESCP", "127.0.0.1", port),),
                  delivery=replace(DeliveryConfig(), **delivery))
-    db = StateDB(tmp_path / "state.sqlite")
+    db = StateDB(target)
     return db, Outbox(db, cfg, rng=random.Random(0))
 
 
-def test_delivery_waits_out_an_outage_then_lands_once(tmp_path):
+def test_delivery_waits_out_an_outage_then_lands_once(tmp_path, state_db_target):
     path, sop = sc_file(tmp_path)
     port = free_port()
-    db, outbox = make_outbox(tmp_path, port, initial_backoff_s=0.2, max_backoff_s=0.5)
+    db, outbox = make_outbox(tmp_path, state_db_target, port, initial_backoff_s=0.2, max_backoff_s=0.5)
     row = queue_one(db, path)
     assert outbox.attempt(row) is False  # PACS down
-    failed = db.delivery(row["id"])
-    assert failed["state"] == "pending" and failed["attempts"] == 1
-    assert "cannot connect" in failed["last_error"] or "refused" in failed["last_error"]
-    assert failed["next_attempt_at"] > time.time()
+    failed = db.delivery(row.id)
+    assert failed.state == "pending" and failed.attempts == 1
+    assert "cannot connect" in failed.last_error or "refused" in failed.last_error
+    assert failed.next_attempt_at > time.time()
     with StoreSCP(tmp_path / "pacs", port=port) as scp:
         outbox.start()
         try:
-            poll(lambda: db.delivery(row["id"])["state"] == "delivered", 20, what="delivery")
+            poll(lambda: db.delivery(row.id).state == "delivered", 20, what="delivery")
         finally:
             outbox.stop()
         received = list((tmp_path / "pacs").iterdir())
@@ -80,15 +80,15 @@ def test_delivery_waits_out_an_outage_then_lands_once(tmp_path):
         assert scp.proc.poll() is None
 
 
-def test_old_failures_go_to_dead_letter_and_can_be_resent(tmp_path):
+def test_old_failures_go_to_dead_letter_and_can_be_resent(tmp_path, state_db_target):
     path, _ = sc_file(tmp_path)
     port = free_port()
-    db, outbox = make_outbox(tmp_path, port, dead_letter_after_s=0.0)
+    db, outbox = make_outbox(tmp_path, state_db_target, port, dead_letter_after_s=0.0)
     row = queue_one(db, path)
     assert outbox.attempt(row) is False
-    assert db.delivery(row["id"])["state"] == "dead"
+    assert db.delivery(row.id).state == "dead"
     assert db.due_deliveries(time.time() + 3600) == []
-    assert db.resend(row["id"])
+    assert db.resend(row.id)
     with StoreSCP(tmp_path / "pacs", port=port):
-        assert outbox.attempt(db.delivery(row["id"])) is True
-    assert db.delivery(row["id"])["state"] == "delivered"
+        assert outbox.attempt(db.delivery(row.id)) is True
+    assert db.delivery(row.id).state == "delivered"

@@ -34,7 +34,7 @@ def spooled_series(db: StateDB, spool: Path, series_uid: str, n: int = 3, at: fl
 
 def finished_job(db: StateDB, series_uid: str, delivery: str | None, at: float,
                  job_state: str = "done") -> None:
-    series = db.query_one("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+    series = db.series(series_uid)
     db.mark_series(series_uid, "routed", completed_by="test", at=at)
     job_id = db.create_job_if_new(series, "ich_ct", "1", 0, at)
     if job_state == "queued":
@@ -48,8 +48,8 @@ def finished_job(db: StateDB, series_uid: str, delivery: str | None, at: float,
                        (delivery, at if delivery == "delivered" else None, job_id))
 
 
-def test_spool_is_cleaned_after_delivery_and_retention_but_not_before(tmp_path):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_spool_is_cleaned_after_delivery_and_retention_but_not_before(tmp_path, state_db_target):
+    db = StateDB(state_db_target)
     spool = tmp_path / "spool"
     old = time.time() - 10.0
     delivered = spooled_series(db, spool, "1.2.1", at=old)
@@ -85,8 +85,8 @@ def test_spool_is_cleaned_after_delivery_and_retention_but_not_before(tmp_path):
     assert all(p.exists() for p in dead)
 
 
-def test_a_file_rewritten_after_the_purge_decision_is_kept(tmp_path):
-    db = StateDB(tmp_path / "state.sqlite")
+def test_a_file_rewritten_after_the_purge_decision_is_kept(tmp_path, state_db_target):
+    db = StateDB(state_db_target)
     spool = tmp_path / "spool"
     old = time.time() - 10.0
     paths = spooled_series(db, spool, "1.2.7", at=old)

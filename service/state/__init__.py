@@ -1,0 +1,16 @@
+"""The state DB and its backends: SQLite (embedded default) and PostgreSQL (several instances)."""
+
+from service.state.db import PlannedJob, StateDB, is_postgres_url
+from service.state.rows import (
+    JOB_ACTIVE,
+    JOB_FINAL,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+)
+
+__all__ = ["JOB_ACTIVE", "JOB_FINAL", "Delivery", "DeliveryState", "Job", "JobState", "PlannedJob",
+           "Series", "SeriesState", "StateDB", "is_postgres_url"]
