@@ -496,10 +496,10 @@ def _write_instance(path: Path, ds: Dataset, frames: Iterator[bytes], n_frames: 
             fp.write(struct.pack(f"<{n_frames}Q", *offsets))
 
 
-def pyramid_sizes(width: int, height: int) -> list[tuple[int, int]]:
-    """(cols, rows) per level: halve until the longer side is at most THUMBNAIL_MAX."""
+def pyramid_sizes(width: int, height: int, smallest_px: int = THUMBNAIL_MAX) -> list[tuple[int, int]]:
+    """(cols, rows) per level: halve until the longer side is at most `smallest_px`."""
     sizes = [(width, height)]
-    while max(sizes[-1]) > THUMBNAIL_MAX:
+    while max(sizes[-1]) > max(smallest_px, 1):
         w, h = sizes[-1]
         sizes.append(((w + 1) // 2, (h + 1) // 2))
     return sizes
@@ -518,14 +518,16 @@ def _file_meta(ds: Dataset, ts: UID) -> None:
 def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
                     tiling: str = "full", codec: str = "jpeg", label: bool = False,
                     overview: bool = False, patient_name: str | None = None,
-                    offset_table: str = "basic", workers: int = 0, tissue: bool = True) -> list[Path]:
+                    offset_table: str = "basic", workers: int = 0, tissue: bool = True,
+                    smallest_px: int = THUMBNAIL_MAX) -> list[Path]:
     """Write a phantom slide (one instance per level, plus LABEL/OVERVIEW) into folder `out`.
 
     tiling: "full" (TILED_FULL) or "sparse" (TILED_SPARSE: per-frame positions, column-major order);
     codec: "jpeg" (baseline, YBR_FULL_422) or "jpeg2000" / "j2k" (lossy, YBR_ICT);
     offset_table: "basic" (filled Basic Offset Table), "none" (empty BOT) or "extended"
     (Extended Offset Table, empty BOT); workers > 1 renders and encodes tiles in processes;
-    tissue=False writes an empty slide (glass and a pen mark only).
+    tissue=False writes an empty slide (glass and a pen mark only); smallest_px: the pyramid
+    halves until the longer side is at most this (1: down to 1 x 1 px, as some converters do).
     """
     if tiling not in ("full", "sparse"):
         raise ValueError(f"tiling {tiling!r} is not one of full, sparse")
@@ -539,7 +541,7 @@ def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
     paths: list[Path] = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        for level, (cols, rows) in enumerate(pyramid_sizes(width, height)):
+        for level, (cols, rows) in enumerate(pyramid_sizes(width, height, smallest_px)):
             spacing = BASE_SPACING_UM * 2**level
             ds = _base_dataset(seed, patient_name, codec)
             ds.SOPInstanceUID = _uid("level", seed, level, width, height, tumor, tiling, codec, tissue)

@@ -4,7 +4,8 @@
    than 10 %; tiles are read there (never the base level resized). A tile of `tile_size` model
    pixels covers round(tile_size * model spacing / level spacing) level pixels (resized only
    when a slide lacks a level at the model's spacing).
-2. Tissue: WSInfer-style detection on the smallest level (pipelines.tissue); a tile is kept
+2. Tissue: WSInfer-style detection (pipelines.tissue) on the overview level, the one nearest
+   8-16 um/px with at least 256 px on its short side (`Slide.overview_level`); a tile is kept
    when its centre lies in tissue.
 3. Decode: kept tiles are grouped into chunks of 8 x 8 tiles; each chunk decodes only the
    frames its kept tiles touch (in worker processes when an executor is given). Chunks are
@@ -34,7 +35,7 @@ from pipelines.ct_triage import aggregate, positive_probability
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
 from pipelines.model_card import ModelCard, WsiPreprocessing
 from pipelines.tissue import TissueMask, detect_tissue
-from pipelines.wsi_slide import FILL, Level, Slide, decode_bytes, open_slide, read_level_image
+from pipelines.wsi_slide import FILL, Level, Slide, decode_bytes, open_slide, read_overview
 
 Infer = Callable[[np.ndarray], np.ndarray]
 CHUNK_TILES = 8  # chunk side in tiles (8 x 224 = 1792 = 7 x 256: frame-aligned for 224 tiles)
@@ -66,6 +67,7 @@ class ChunkJob:
     tiles: tuple[tuple[int, int], ...]  # (grid row, grid col) of each kept tile
     read_px: int  # tile side in level pixels
     out_px: int  # tile side the model takes
+    photometric: str = ""  # the level's PhotometricInterpretation (JPEG streams that do not say)
 
 
 def decode_chunk(job: ChunkJob) -> tuple[tuple[tuple[int, int], ...], np.ndarray, float]:
@@ -85,7 +87,8 @@ def decode_chunk(job: ChunkJob) -> tuple[tuple[tuple[int, int], ...], np.ndarray
                         continue
                     if (ty, tx) not in cache:
                         fp.seek(where[0])
-                        cache[(ty, tx)] = decode_bytes(job.transfer_syntax, fp.read(where[1]), tr, tc)
+                        cache[(ty, tx)] = decode_bytes(job.transfer_syntax, fp.read(where[1]), tr, tc,
+                                                       job.photometric)
                     frame = cache[(ty, tx)]
                     y0, x0 = ty * tr, tx * tc
                     sy0, sx0 = max(y, y0), max(x, x0)
@@ -118,7 +121,7 @@ def chunk_jobs(level: Level, keep: np.ndarray, read_px: int, out_px: int) -> lis
                         if idx is not None:
                             frames[(ty, tx)] = (int(level.frame_offsets[idx]), int(level.frame_lengths[idx]))
             jobs.append(ChunkJob(str(level.path), level.transfer_syntax, tr, tc, level.rows, level.cols,
-                                 frames, tiles, read_px, out_px))
+                                 frames, tiles, read_px, out_px, level.photometric))
     return jobs
 
 
@@ -200,8 +203,9 @@ def _run_chunks(jobs: list[ChunkJob], batcher: _Batcher, executor: Executor | No
 
 
 def tissue_of(slide: Slide, pre: WsiPreprocessing) -> TissueMask:
-    thumb = slide.thumbnail_level
-    return detect_tissue(read_level_image(thumb), thumb.spacing_um, pre.tissue_saturation)
+    """Tissue on the slide's overview level (near 8-16 um/px, never under 256 px a side)."""
+    rgb, spacing_um = read_overview(slide)
+    return detect_tissue(rgb, spacing_um, pre.tissue_saturation)
 
 
 def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer,
