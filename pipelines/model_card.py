@@ -173,7 +173,7 @@ class Calibration:
 
     p = sigmoid((logit(score) - logit(threshold)) / temperature): the verdict is unchanged (p >=
     0.5 exactly when score >= threshold), only its certainty is made honest. `max_certainty`
-    caps it at what the calibration set can support ((n+1)/(n+2) for n cases of the verdict).
+    caps it at what the calibration set can support (1 - 1/(n+2) for n cases; models/domain_fit.py).
     """
 
     method: str
@@ -343,7 +343,11 @@ def _validated_domain(f: _Fields) -> ValidatedDomain:
         if family not in KERNEL_FAMILIES:
             raise CardError(f"{f.where}.convolution_kernel_families: {family!r} is not one of "
                             f"{', '.join(KERNEL_FAMILIES)}")
-    never = _strings(f.opt("never_validated_on", [], list))
+    items = f.opt("never_validated_on", [], list)
+    if any(not isinstance(item, str) for item in items):
+        raise CardError(f"{f.where}.never_validated_on: give one line of text per item (quote a "
+                        "line that holds ': ')")
+    never = tuple(items)
     if not never:
         raise CardError(f"{f.where}.never_validated_on: required field is missing (list what the "
                         "model was never validated on)")

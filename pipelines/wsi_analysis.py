@@ -32,8 +32,9 @@ import numpy as np
 from PIL import Image
 
 from pipelines.ct_triage import aggregate, positive_probability
+from pipelines.domain import FEATURES, OutsideDomain, check_ood, shown, slide_vector
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
-from pipelines.model_card import ModelCard, WsiPreprocessing
+from pipelines.model_card import ModelCard, ValidatedDomain, WsiPreprocessing
 from pipelines.tissue import TissueMask, detect_tissue
 from pipelines.wsi_slide import FILL, Level, Slide, decode_bytes, open_slide, read_overview
 
@@ -43,14 +44,37 @@ SPACING_TOLERANCE = 1.1  # a level may be at most 10 % coarser than the model's 
 TUMOR_TILE_PROBABILITY = 0.5  # a tile counts towards tumor area from this probability
 
 
-def choose_level(slide: Slide, spacing_um: float) -> Level:
-    """The coarsest level not coarser than the model's spacing (+10 %); else not analysable."""
+def choose_level(slide: Slide, spacing_um: float, domain: ValidatedDomain | None = None,
+                 model: str = "the model") -> Level:
+    """The coarsest level not coarser than the model's spacing (+10 %); else not analysable.
+    With the card's `domain`, the chosen level's spacing must lie in its validated range."""
     fine_enough = [lv for lv in slide.levels if lv.spacing_um <= spacing_um * SPACING_TOLERANCE]
+    subject = f"slide {slide.series_instance_uid}"
+    valid = domain.pixel_spacing_um if domain is not None else None
     if not fine_enough:
         finest = slide.levels[0].spacing_um
+        if valid is not None:
+            raise OutsideDomain(subject, model, "pixel spacing", f"{finest:.3g} um/px (its finest level)",
+                                f"{valid} um/px: tiles are read at {spacing_um:.3g} um/px; rescan at "
+                                "higher magnification")
         raise NotAnalysable(f"slide {slide.series_instance_uid} is scanned at {finest:.3g} um/px; the model "
                             f"needs {spacing_um:.3g} um/px or finer (rescan at higher magnification)")
-    return max(fine_enough, key=lambda lv: lv.spacing_um)
+    level = max(fine_enough, key=lambda lv: lv.spacing_um)
+    if valid is not None and not valid.holds(level.spacing_um):
+        raise OutsideDomain(subject, model, "pixel spacing", f"{level.spacing_um:.3g} um/px (the level "
+                            f"nearest {spacing_um:.3g} um/px)", f"{valid} um/px")
+    return level
+
+
+def check_stains(slide: Slide, domain: ValidatedDomain | None, model: str) -> None:
+    """A slide that names a staining substance the model was not validated on is refused; one
+    that names none is taken as H&E (wsi_slide.SLIDE_DEFAULTS)."""
+    if domain is None or not domain.stains or not slide.stains_stated:
+        return
+    other = [s for s in slide.stains if s not in domain.stains]
+    if other:
+        raise OutsideDomain(f"slide {slide.series_instance_uid}", model, "stain",
+                            ", ".join(shown(s, 40) for s in other), " + ".join(domain.stains))
 
 
 @dataclass(frozen=True)
@@ -145,6 +169,9 @@ class _Batcher:
         self.where: list[tuple[int, int]] = []
         self.infer_s = self.normalise_s = 0.0
         self.count = 0
+        domain = card.validated_domain
+        self.ood = domain.ood if domain is not None else None
+        self.feature_rows: list[np.ndarray] = []  # the OOD score's per-tile features
 
     def add(self, where: Sequence[tuple[int, int]], tiles: np.ndarray) -> None:
         self.tiles.extend(tiles)
@@ -158,7 +185,10 @@ class _Batcher:
 
     def _run(self, n: int) -> None:
         t0 = time.perf_counter()
-        x = normalise(np.stack(self.tiles[:n]), self.pre)
+        batch = np.stack(self.tiles[:n])
+        if self.ood is not None:
+            self.feature_rows.append(FEATURES[self.ood.features].compute(batch))
+        x = normalise(batch, self.pre)
         t1 = time.perf_counter()
         p = positive_probability(np.asarray(self.infer(x)), self.card)
         t2 = time.perf_counter()
@@ -216,9 +246,12 @@ def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer
         raise ValueError(f"model {card.key} is a {card.task} model, not a slide tile model")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    domain = card.validated_domain
+    model = f"the {card.name} model"
     try:
         slide = open_slide(paths)
-        level = choose_level(slide, pre.spacing_um)
+        level = choose_level(slide, pre.spacing_um, domain, model)
+        check_stains(slide, domain, model)
     except NotAnalysable as exc:
         return AnalysisResult.not_analysed(str(exc), open=time.perf_counter() - t0)
     t1 = time.perf_counter()
@@ -252,6 +285,16 @@ def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer
     timings["infer"] = batcher.infer_s
     timings["tiles_stage"] = t4 - t3
 
+    ood_distance = None
+    if batcher.ood is not None:
+        vector = slide_vector(batcher.feature_rows)
+        try:
+            if vector is None:
+                raise OutsideDomain(f"slide {slide.series_instance_uid}", model, "stained tissue",
+                                    "none in the tissue tiles", "H&E-stained tissue")
+            ood_distance = check_ood(batcher.ood, vector, f"slide {slide.series_instance_uid}", model)
+        except NotAnalysable as exc:
+            return AnalysisResult.not_analysed(str(exc), **timings)
     tile_probs = probs[keep]
     score = aggregate(tile_probs, card.postprocessing.aggregation)
     tumor_tiles = int((tile_probs >= TUMOR_TILE_PROBABILITY).sum())
@@ -286,7 +329,11 @@ def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer
         "level_spacing_um": level.spacing_um,
         "tiles_per_second": round(batcher.count / max(t4 - t3, 1e-9), 2),
     }
+    if ood_distance is not None:
+        measurements["ood_distance"] = round(ood_distance, 3)
+    threshold = card.postprocessing.threshold
+    probability = card.calibration.probability(score, threshold) if card.calibration else None
     return AnalysisResult.verdict(
-        score, card.postprocessing.threshold, key_images=tuple(key_images),
+        score, threshold, probability, key_images=tuple(key_images),
         scores=tuple(round(float(p), 4) for p in tile_probs), measurements=measurements,
         timings={k: round(v, 4) for k, v in timings.items()}, heatmap=heatmap)

@@ -45,6 +45,8 @@ FILL = 255  # value for pixels no frame covers (TILED_SPARSE gaps, edges)
 OVERVIEW_SPACING_UM = (8.0, 16.0)
 OVERVIEW_MIN_SIDE_PX = 256
 OVERVIEW_MAX_PX = 2048  # a larger level is decoded frame by frame and average-pooled to this
+USING_SUBSTANCE = "424361007"  # SCT "Using substance" (TID 8004 staining step)
+ASSUMED_STAINS = ("hematoxylin stain", "water soluble eosin stain")  # SLIDE_DEFAULTS["stain"]
 _ITEM, _SEQ_END = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
 
 
@@ -92,6 +94,8 @@ class Slide:
     associated: dict[str, Path]  # LABEL / OVERVIEW / THUMBNAIL paths
     study_instance_uid: str
     series_instance_uid: str
+    stains: tuple[str, ...] = ASSUMED_STAINS  # staining substances (lower case), see slide_stains
+    stains_stated: bool = False  # False: the slide names none and H&E is assumed
 
     def nearest_level(self, spacing_um: float) -> Level:
         """The level whose spacing is nearest the target (in log scale); ties go to the finer."""
@@ -255,6 +259,7 @@ def open_slide(paths: Sequence[str | Path]) -> Slide:
     levels: list[Level] = []
     associated: dict[str, Path] = {}
     study = series = ""
+    stains, stated = ASSUMED_STAINS, False
     for p in paths:
         level, ds = read_level(p)
         study, series = str(ds.get("StudyInstanceUID", study)), str(ds.get("SeriesInstanceUID", series))
@@ -262,13 +267,15 @@ def open_slide(paths: Sequence[str | Path]) -> Slide:
             associated[str(ds.ImageType[2]).upper()] = Path(p)
         else:
             levels.append(level)
+            if not stated:
+                stains, stated = slide_stains(ds)
     if not levels:
         only = sorted(associated) or "nothing"
         raise NotAnalysable(f"slide {series or '?'} has no pyramid level (only {only})")
     # finest first; where two instances hold the same level (a TILED_SPARSE copy sent with the
     # TILED_FULL one), the full one with the most frames comes first and is the one read
     levels.sort(key=lambda lv: (lv.spacing_um, lv.tiling != "TILED_FULL", -lv.n_frames))
-    return Slide(tuple(levels), associated, study, series)
+    return Slide(tuple(levels), associated, study, series, stains, stated)
 
 
 # What a slide instance gets where the converter left an attribute out (DICOM PS3.3 C.8.12.4
@@ -284,8 +291,6 @@ SLIDE_DEFAULTS: dict[str, str] = {
                                    "derived from the series UID, no preparation steps",
     "stain": "H&E, assumed when SpecimenPreparationSequence states no staining substance",
 }
-USING_SUBSTANCE = "424361007"  # SCT "Using substance" (TID 8004 staining step)
-ASSUMED_STAINS = ("hematoxylin stain", "water soluble eosin stain")
 
 
 def _item(**values: object) -> pydicom.Dataset:
