@@ -30,6 +30,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from pipelines.model_card import ModelCard, parse_card
+
 MARGIN = 1.2
 PRIOR_SD = 1.0  # of log T: temperatures within e^-1..e^1 are plausible before the data say more
 MAX_HELD_OUT_REJECTION = 0.01
@@ -185,6 +187,17 @@ def _dump(key: str, value: Any, indent: int) -> str:
     text = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=None, width=100,
                           allow_unicode=True)
     return "".join(" " * indent + line + "\n" for line in text.splitlines())
+
+
+def load_unfitted_card(folder: Path) -> ModelCard:
+    """The card without its fitted parts (`validated_domain.ood`, `calibration`): what a fit
+    starts from, even when the old fit no longer matches the feature code."""
+    data = yaml.safe_load((folder / "card.yaml").read_text())
+    data.pop("calibration", None)
+    (data.get("validated_domain") or {}).pop("ood", None)
+    card = parse_card(data, folder)
+    card.verify_file()
+    return card
 
 
 def write_fitted(card_path: Path, ood: dict[str, Any], calibration: dict[str, Any]) -> None:

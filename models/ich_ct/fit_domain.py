@@ -35,6 +35,7 @@ from models.domain_fit import (
     calibrated,
     fit_ood,
     fit_temperature,
+    load_unfitted_card,
     ood_block,
     reliability_png,
     scores_summary,
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    card = load_card(HERE)
+    card = load_unfitted_card(HERE)
     raw_card = dataclasses.replace(card, calibration=None, validated_domain=dataclasses.replace(
         card.validated_domain, ood=None))
     names = FEATURES[FEATURE_SET].names
