@@ -2,7 +2,10 @@
 
 `infer` is whatever runs the model (an onnxruntime session in the model service, a stub in
 tests): it takes an (n, C, S, S) float32 batch and returns (n, n_classes) raw outputs. The
-card says how to turn them into probabilities and how to aggregate slices into a study score.
+card says how to turn them into probabilities and how to aggregate slices into a study score,
+how certain that score's verdict is (its calibration), and what the model was validated on:
+header checks run before decoding, the OOD score on the windowed stack before inference
+(pipelines.domain); outside the domain the result is "not analysed" with the reason.
 """
 
 from __future__ import annotations

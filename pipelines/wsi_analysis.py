@@ -14,7 +14,12 @@
 4. Infer: tiles are normalised per the card and run in batches of card batch_size.
 5. Verdict: the card's aggregation (`top3_mean` for the reference model: the mean of the three
    most suspicious tiles) over the tissue tiles' probabilities, compared with the card's
-   threshold. Tumor area = tiles with probability >= 0.5 times the tile area.
+   threshold; its certainty is the card's calibration of that score. Tumor area = tiles with
+   probability >= 0.5 times the tile area.
+
+The card's validated domain is checked on the way: the read level's pixel spacing and a
+stated stain before any tile is decoded, the OOD score on the colour of the tiles the model
+saw before a verdict is given (pipelines.domain). Outside it: "not analysed", with the reason.
 
 `infer` takes an (n, 3, T, T) float32 batch and returns (n, n_classes) raw outputs.
 """
