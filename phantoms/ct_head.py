@@ -361,16 +361,32 @@ def _uid(*parts: object) -> str:
 
 def make_ct_series(finding: str = "none", slices: int = 32, seed: int = 0,
                    transfer_syntax: str = "explicit", patient_name: str | None = None,
-                   study_uid: str | None = None) -> list[Dataset]:
+                   study_uid: str | None = None, gantry_tilt_deg: float = 0.0) -> list[Dataset]:
     """The series as pydicom datasets (inferior to superior), encoded in `transfer_syntax`."""
     return series_from_phantom(make_ct_phantom(finding, slices, seed), transfer_syntax, patient_name,
-                               study_uid)
+                               study_uid, gantry_tilt_deg)
+
+
+def tilt_geometry(ph: CtPhantom, gantry_tilt_deg: float) -> tuple[int, float]:
+    """(rows each slice's image moves down against the last, the exact tilt in degrees) of a
+    series written with the gantry tilted by about `gantry_tilt_deg` (a whole-pixel shear)."""
+    if not gantry_tilt_deg:
+        return 0, 0.0
+    step = int(round(ph.slice_spacing_mm * np.tan(np.radians(gantry_tilt_deg)) / ph.pixel_spacing_mm))
+    return step, float(np.degrees(np.arctan2(step * ph.pixel_spacing_mm, ph.slice_spacing_mm)))
 
 
 def series_from_phantom(ph: CtPhantom, transfer_syntax: str = "explicit", patient_name: str | None = None,
-                        study_uid: str | None = None) -> list[Dataset]:
-    """Datasets for a phantom already in memory (keeps its ground truth at hand for tests)."""
+                        study_uid: str | None = None, gantry_tilt_deg: float = 0.0) -> list[Dataset]:
+    """Datasets for a phantom already in memory (keeps its ground truth at hand for tests).
+
+    `gantry_tilt_deg` writes the series as a tilted gantry acquires it: every slice in one
+    oblique plane (ImageOrientationPatient rows along x, columns along (0, cos t, -sin t)),
+    the table advancing along z, so each image sits `tilt_geometry` rows lower than the one
+    before (air fills in). Shear correction of the stack gives back the phantom's volume.
+    """
     ts = transfer_syntax_uid(transfer_syntax)
+    shear_rows, tilt = tilt_geometry(ph, gantry_tilt_deg)
     finding, seed, slices = ph.finding, ph.seed, len(ph.hu)
     study_uid = study_uid or _uid(seed, finding, slices, "study")
     series_uid = _uid(study_uid, seed, finding, slices, "series")
@@ -407,7 +423,7 @@ def series_from_phantom(ph: CtPhantom, transfer_syntax: str = "explicit", patien
     base.DataCollectionDiameter = "500"
     base.SoftwareVersions = "befund-phantom 1"
     base.ReconstructionDiameter = f"{ph.pixel_spacing_mm * MATRIX:.2f}"
-    base.GantryDetectorTilt = "0"
+    base.GantryDetectorTilt = f"{tilt:.2f}" if shear_rows else "0"
     base.TableHeight = "150"
     base.RotationDirection = "CW"
     base.XRayTubeCurrent = 300
@@ -438,14 +454,32 @@ def series_from_phantom(ph: CtPhantom, transfer_syntax: str = "explicit", patien
 
     out = []
     x0, y0 = ph.origin_xy_mm
+    sin_t, cos_t = np.sin(np.radians(tilt)), np.cos(np.radians(tilt))
+    if shear_rows:
+        base.ImageOrientationPatient = [1, 0, 0, 0, f"{cos_t:.7f}", f"{-sin_t:.7f}"]
+    normal = np.array([0.0, sin_t, cos_t])
+    col = np.array([0.0, cos_t, -sin_t])
     for k in range(slices):
         ds = Dataset()
         ds.update(base)
         ds.SOPInstanceUID = _uid(series_uid, k)
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [f"{x0:.4f}", f"{y0:.4f}", f"{ph.z_mm[k]:.4f}"]
-        ds.SliceLocation = f"{ph.z_mm[k]:.4f}"
-        ds.PixelData = (ph.hu[k].astype(np.int32) - INTERCEPT).astype(np.uint16).tobytes()
+        pixels = ph.hu[k]
+        if shear_rows:
+            # the normal advances by the spacing, the image origin by -k*shear rows in its plane
+            x, y, z = np.array([x0, y0, ph.z_mm[0]]) + k * ph.slice_spacing_mm * normal \
+                - k * shear_rows * ph.pixel_spacing_mm * col
+            shift = min(k * shear_rows, MATRIX) if shear_rows > 0 else max(k * shear_rows, -MATRIX)
+            pixels = np.full_like(pixels, HU_MIN)
+            if shift >= 0:
+                pixels[shift:] = ph.hu[k][:MATRIX - shift]
+            else:
+                pixels[:shift] = ph.hu[k][-shift:]
+        else:
+            x, y, z = x0, y0, ph.z_mm[k]
+        ds.ImagePositionPatient = [f"{x:.4f}", f"{y:.4f}", f"{z:.4f}"]
+        ds.SliceLocation = f"{z:.4f}"
+        ds.PixelData = (pixels.astype(np.int32) - INTERCEPT).astype(np.uint16).tobytes()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -459,12 +493,13 @@ def series_from_phantom(ph: CtPhantom, transfer_syntax: str = "explicit", patien
 
 def write_ct_series(out: Path, finding: str = "none", slices: int = 32, seed: int = 0,
                     transfer_syntax: str = "explicit", patient_name: str | None = None,
-                    study_uid: str | None = None) -> list[Path]:
+                    study_uid: str | None = None, gantry_tilt_deg: float = 0.0) -> list[Path]:
     """Write the series as Part 10 files into the folder `out`; return their paths in order."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ds in make_ct_series(finding, slices, seed, transfer_syntax, patient_name, study_uid):
+    for ds in make_ct_series(finding, slices, seed, transfer_syntax, patient_name, study_uid,
+                             gantry_tilt_deg):
         path = out / f"ct-{seed}-{finding}-{int(ds.InstanceNumber):04d}.dcm"
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)

@@ -303,10 +303,35 @@ def encode_frame(rgb: np.ndarray, codec: str) -> bytes:
     raise ValueError(f"codec {codec!r} is not one of jpeg, jpeg2000")
 
 
+def _od(rgb: np.ndarray) -> np.ndarray:
+    return -np.log((np.asarray(rgb, np.float32) + 1.0) / 256.0)
+
+
+# "ihc": stroma as DAB brown, nuclei as hematoxylin blue (an immunohistochemistry look): the
+# phantom's two stain colours (optical densities) mapped linearly onto those two
+_IHC = (_od(np.array([[165, 115, 75], [70, 80, 150]])).T
+        @ np.linalg.pinv(_od(np.stack([STROMA, NUCLEUS])).T)).astype(np.float32)
+
+
+def restain(rgb: np.ndarray, stain: tuple[float, float, float] | str | None) -> np.ndarray:
+    """The tile as another staining would show it (Beer-Lambert: the stain's optical density,
+    above that of the bare glass, scales; the glass stays as it is).
+
+    `stain`: None (as rendered); three factors for the red, green and blue optical density
+    (lab-to-lab H&E variation: (1.5, 1.3, 1.4) is a darker, bluer H&E); or "ihc".
+    """
+    if stain is None:
+        return rgb
+    glass = _od(BACKGROUND)
+    od = np.maximum(_od(rgb) - glass, 0.0)
+    od = od @ _IHC.T if isinstance(stain, str) else od * np.asarray(stain, np.float32)
+    return np.clip(256.0 * np.exp(-(od + glass)) - 1.0, 0, 255).round().astype(np.uint8)
+
+
 def _encode_tile(args: tuple) -> bytes | None:
-    width, height, tumor, seed, level, ty, tx, codec, blank = args
+    width, height, tumor, seed, level, ty, tx, codec, blank, stain = args
     rgb = render_tile(width, height, tumor, seed, level, ty, tx, blank)
-    return None if rgb is None else encode_frame(rgb, codec)
+    return None if rgb is None else encode_frame(restain(rgb, stain), codec)
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -496,10 +521,10 @@ def _write_instance(path: Path, ds: Dataset, frames: Iterator[bytes], n_frames: 
             fp.write(struct.pack(f"<{n_frames}Q", *offsets))
 
 
-def pyramid_sizes(width: int, height: int) -> list[tuple[int, int]]:
-    """(cols, rows) per level: halve until the longer side is at most THUMBNAIL_MAX."""
+def pyramid_sizes(width: int, height: int, smallest_px: int = THUMBNAIL_MAX) -> list[tuple[int, int]]:
+    """(cols, rows) per level: halve until the longer side is at most `smallest_px`."""
     sizes = [(width, height)]
-    while max(sizes[-1]) > THUMBNAIL_MAX:
+    while max(sizes[-1]) > max(smallest_px, 1):
         w, h = sizes[-1]
         sizes.append(((w + 1) // 2, (h + 1) // 2))
     return sizes
@@ -518,15 +543,21 @@ def _file_meta(ds: Dataset, ts: UID) -> None:
 def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
                     tiling: str = "full", codec: str = "jpeg", label: bool = False,
                     overview: bool = False, patient_name: str | None = None,
-                    offset_table: str = "basic", workers: int = 0, tissue: bool = True) -> list[Path]:
+                    offset_table: str = "basic", workers: int = 0, tissue: bool = True,
+                    smallest_px: int = THUMBNAIL_MAX,
+                    stain: tuple[float, float, float] | str | None = None) -> list[Path]:
     """Write a phantom slide (one instance per level, plus LABEL/OVERVIEW) into folder `out`.
 
     tiling: "full" (TILED_FULL) or "sparse" (TILED_SPARSE: per-frame positions, column-major order);
     codec: "jpeg" (baseline, YBR_FULL_422) or "jpeg2000" / "j2k" (lossy, YBR_ICT);
     offset_table: "basic" (filled Basic Offset Table), "none" (empty BOT) or "extended"
     (Extended Offset Table, empty BOT); workers > 1 renders and encodes tiles in processes;
-    tissue=False writes an empty slide (glass and a pen mark only).
+    tissue=False writes an empty slide (glass and a pen mark only); smallest_px: the pyramid
+    halves until the longer side is at most this (1: down to 1 x 1 px, as some converters do);
+    stain: see `restain` (None: the phantom's own H&E).
     """
+    if isinstance(stain, str) and stain != "ihc":
+        raise ValueError(f"stain {stain!r} is not 'ihc' or three optical density factors")
     if tiling not in ("full", "sparse"):
         raise ValueError(f"tiling {tiling!r} is not one of full, sparse")
     codec = {"j2k": "jpeg2000"}.get(codec, codec)
@@ -539,10 +570,11 @@ def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
     paths: list[Path] = []
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
-        for level, (cols, rows) in enumerate(pyramid_sizes(width, height)):
+        for level, (cols, rows) in enumerate(pyramid_sizes(width, height, smallest_px)):
             spacing = BASE_SPACING_UM * 2**level
             ds = _base_dataset(seed, patient_name, codec)
-            ds.SOPInstanceUID = _uid("level", seed, level, width, height, tumor, tiling, codec, tissue)
+            ds.SOPInstanceUID = _uid("level", seed, level, width, height, tumor, tiling, codec, tissue,
+                                     *(() if stain is None else ("stain", stain)))
             ds.InstanceNumber = level + 1
             ds.ImageType = (["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0
                             else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"])
@@ -558,7 +590,7 @@ def write_wsi_slide(out: Path, width: int, height: int, tumor: float, seed: int,
                 grid = sorted(grid, key=lambda t: (t[1], t[0]))
                 ds.PerFrameFunctionalGroupsSequence = DicomSequence([
                     _per_frame(ty * TILE + 1, tx * TILE + 1, spacing) for ty, tx in grid])
-            frames = _frames(width, height, tumor, seed, level, grid, codec, pool, not tissue)
+            frames = _frames(width, height, tumor, seed, level, grid, codec, pool, not tissue, stain)
             path = out / f"level-{level}.dcm"
             _write_instance(path, ds, frames, len(grid), offset_table)
             paths.append(path)
@@ -600,13 +632,14 @@ def _content_grid(f: SlideFields, level: int, nty: int, ntx: int) -> np.ndarray:
 
 def _frames(width: int, height: int, tumor: float, seed: int, level: int,
             grid: list[tuple[int, int]], codec: str, pool: ProcessPoolExecutor | None,
-            blank: bool) -> Iterator[bytes]:
-    glass = encode_frame(np.broadcast_to(BACKGROUND.astype(np.uint8), (TILE, TILE, 3)).copy(), codec)
+            blank: bool, stain: tuple[float, float, float] | str | None = None) -> Iterator[bytes]:
+    glass = encode_frame(restain(np.broadcast_to(BACKGROUND.astype(np.uint8), (TILE, TILE, 3)).copy(), stain),
+                         codec)
     nty = max(ty for ty, _ in grid) + 1
     ntx = max(tx for _, tx in grid) + 1
     content = _content_grid(slide_fields(width, height, tumor, seed, blank), level, nty, ntx)
     wanted = [(ty, tx) for ty, tx in grid if content[ty, tx]]
-    jobs = ((width, height, tumor, seed, level, ty, tx, codec, blank) for ty, tx in wanted)
+    jobs = ((width, height, tumor, seed, level, ty, tx, codec, blank, stain) for ty, tx in wanted)
     results = pool.map(_encode_tile, jobs, chunksize=64) if pool else map(_encode_tile, jobs)
     for ty, tx in grid:
         data = next(results) if content[ty, tx] else None

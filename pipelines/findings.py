@@ -51,10 +51,16 @@ class AnalysisResult:
         return cls(analysed=False, reason=reason, timings=dict(timings))
 
     @classmethod
-    def verdict(cls, score: float, threshold: float, **kw: Any) -> AnalysisResult:
-        """Verdict from a probability: certainty is the probability of the stated verdict."""
+    def verdict(cls, score: float, threshold: float, probability: float | None = None,
+                **kw: Any) -> AnalysisResult:
+        """Verdict from a score: certainty is the probability of the stated verdict.
+
+        `probability` is the calibrated probability that the finding is present (the card's
+        calibration of `score`); without one, the raw score stands in for it.
+        """
         present = score >= threshold
-        certainty = score if present else 1.0 - score
+        p = score if probability is None else probability
+        certainty = p if present else 1.0 - p
         return cls(analysed=True, present=present, score=float(score),
                    certainty=float(min(max(certainty, 0.0), 1.0)), threshold=threshold, **kw)
 

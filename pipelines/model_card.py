@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 TASKS = ("ct-slices", "wsi-tiles")
@@ -118,6 +119,79 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class Range:
+    """A closed range of a header value the model was validated on, e.g. slice thickness 2.5-5 mm."""
+
+    lo: float
+    hi: float
+
+    def holds(self, value: float) -> bool:
+        return self.lo <= value <= self.hi
+
+    def __str__(self) -> str:
+        return f"{self.lo:g}-{self.hi:g}"
+
+
+@dataclass(frozen=True)
+class OodScore:
+    """A data-driven out-of-distribution score: the Mahalanobis distance of an input's feature
+    vector (`features` names the function in pipelines.domain) from the training set's mean,
+    refused above `threshold` (chosen so that at most 1 % of held-out in-domain inputs are)."""
+
+    features: str
+    names: tuple[str, ...]
+    mean: tuple[float, ...]
+    precision: tuple[tuple[float, ...], ...]  # inverse covariance, len(names) x len(names)
+    threshold: float
+    fit: dict[str, Any] = field(default_factory=dict)  # what it was fit on and measured rejections
+
+
+@dataclass(frozen=True)
+class ValidatedDomain:
+    """What the model was validated on; an input outside it is "not analysed", never a verdict.
+
+    Explicit checks read headers (a value the header does not give is not checked); `ood`
+    scores the pixels. `never_validated_on` is for people: the card's honest list of gaps.
+    """
+
+    slice_thickness_mm: Range | None = None
+    slice_spacing_mm: Range | None = None
+    pixel_spacing_mm: Range | None = None
+    pixel_spacing_um: Range | None = None
+    kvp: Range | None = None
+    convolution_kernel_families: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    contrast: bool | None = None  # False: validated without contrast; a named agent is outside
+    stains: tuple[str, ...] = ()
+    ood: OodScore | None = None
+    never_validated_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling of the study (slide) score around the card's threshold.
+
+    p = sigmoid((logit(score) - logit(threshold)) / temperature): the verdict is unchanged (p >=
+    0.5 exactly when score >= threshold), only its certainty is made honest. `max_certainty`
+    caps it at what the calibration set can support (1 - 1/(n+2) for n cases; models/domain_fit.py).
+    """
+
+    method: str
+    temperature: float
+    max_certainty: float
+    fit: dict[str, Any] = field(default_factory=dict)  # seeds, ECE before/after, diagram
+
+    def probability(self, score: float, threshold: float) -> float:
+        """Calibrated probability that the finding is present."""
+        eps = 1e-12
+        s = min(max(float(score), eps), 1.0 - eps)
+        t = min(max(float(threshold), eps), 1.0 - eps)
+        z = (np.log(s / (1.0 - s)) - np.log(t / (1.0 - t))) / self.temperature
+        p = float(1.0 / (1.0 + np.exp(-z)))
+        return min(max(p, 1.0 - self.max_certainty), self.max_certainty)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     name: str
     version: str
@@ -135,6 +209,8 @@ class ModelCard:
     finding: Finding
     manufacturer: str = "befund"
     validation: dict[str, Any] = field(default_factory=dict)
+    validated_domain: ValidatedDomain | None = None
+    calibration: Calibration | None = None
 
     @property
     def model_path(self) -> Path:
@@ -205,6 +281,105 @@ def _strings(values: Any) -> tuple[str, ...]:
     if isinstance(values, str):
         return (values,)
     return tuple(str(v) for v in values or ())
+
+
+def _range(f: _Fields, key: str) -> Range | None:
+    value = f.opt(key, None, list)
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise CardError(f"{f.where}.{key}: give [min, max] as two numbers, not {value!r}") from exc
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+        raise CardError(f"{f.where}.{key}: [{lo:g}, {hi:g}] is not a range (min <= max)")
+    return Range(lo, hi)
+
+
+def _ood(f: _Fields) -> OodScore:
+    from pipelines.domain import FEATURES  # the feature functions a card may name
+
+    features = f.req("features")
+    if features not in FEATURES:
+        raise CardError(f"{f.where}.features: {features!r} is not one of {', '.join(sorted(FEATURES))}")
+    names = _strings(f.req("names", list))
+    if names != FEATURES[features].names:
+        raise CardError(f"{f.where}.names: {list(names)} are not the features {features} computes "
+                        f"({list(FEATURES[features].names)})")
+    try:
+        mean = tuple(float(v) for v in f.req("mean", list))
+        precision = tuple(tuple(float(v) for v in row) for row in f.req("precision", list))
+    except (TypeError, ValueError) as exc:
+        raise CardError(f"{f.where}: mean and precision must hold numbers") from exc
+    d = len(names)
+    if len(mean) != d:
+        raise CardError(f"{f.where}.mean: {len(mean)} values for {d} features")
+    matrix = np.array(precision, dtype=np.float64) if precision else np.zeros((0, 0))
+    if matrix.shape != (d, d) or not np.all(np.isfinite(matrix)) \
+            or not np.allclose(matrix, matrix.T, rtol=1e-6, atol=1e-9):
+        raise CardError(f"{f.where}.precision: must be a symmetric {d} x {d} matrix of numbers")
+    if np.linalg.eigvalsh(matrix).min() <= 0:
+        raise CardError(f"{f.where}.precision: must be positive definite (an inverse covariance)")
+    threshold = f.req("threshold", float)
+    if not threshold > 0:
+        raise CardError(f"{f.where}.threshold: {threshold} must be positive")
+    return OodScore(features, names, mean, precision, threshold, dict(f.opt("fit", {}, dict)))
+
+
+def _validated_domain(f: _Fields) -> ValidatedDomain:
+    known = {"slice_thickness_mm", "slice_spacing_mm", "pixel_spacing_mm", "pixel_spacing_um", "kvp",
+             "convolution_kernel_families", "body_parts", "contrast", "stains", "ood",
+             "never_validated_on"}
+    unknown = sorted(set(f.data) - known)
+    if unknown:
+        raise CardError(f"{f.where}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    contrast = f.data.get("contrast")
+    if contrast is not None and not isinstance(contrast, bool):
+        raise CardError(f"{f.where}.contrast: {contrast!r} is not true or false")
+    families = tuple(k.lower() for k in _strings(f.opt("convolution_kernel_families", [], list)))
+    from pipelines.domain import KERNEL_FAMILIES
+
+    for family in families:
+        if family not in KERNEL_FAMILIES:
+            raise CardError(f"{f.where}.convolution_kernel_families: {family!r} is not one of "
+                            f"{', '.join(KERNEL_FAMILIES)}")
+    items = f.opt("never_validated_on", [], list)
+    if any(not isinstance(item, str) for item in items):
+        raise CardError(f"{f.where}.never_validated_on: give one line of text per item (quote a "
+                        "line that holds ': ')")
+    never = tuple(items)
+    if not never:
+        raise CardError(f"{f.where}.never_validated_on: required field is missing (list what the "
+                        "model was never validated on)")
+    return ValidatedDomain(
+        slice_thickness_mm=_range(f, "slice_thickness_mm"),
+        slice_spacing_mm=_range(f, "slice_spacing_mm"),
+        pixel_spacing_mm=_range(f, "pixel_spacing_mm"),
+        pixel_spacing_um=_range(f, "pixel_spacing_um"),
+        kvp=_range(f, "kvp"),
+        convolution_kernel_families=families,
+        body_parts=tuple(b.upper() for b in _strings(f.opt("body_parts", [], list))),
+        contrast=contrast,
+        stains=tuple(st.lower() for st in _strings(f.opt("stains", [], list))),
+        ood=_ood(f.sub("ood")) if f.data.get("ood") is not None else None,
+        never_validated_on=never,
+    )
+
+
+CALIBRATION_METHODS = ("temperature",)
+
+
+def _calibration(f: _Fields) -> Calibration:
+    method = f.req("method")
+    if method not in CALIBRATION_METHODS:
+        raise CardError(f"{f.where}.method: {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
+    temperature = f.req("temperature", float)
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise CardError(f"{f.where}.temperature: {temperature} must be a positive number")
+    cap = f.req("max_certainty", float)
+    if not 0.5 < cap < 1.0:
+        raise CardError(f"{f.where}.max_certainty: {cap} must lie between 0.5 and 1 (exclusive)")
+    return Calibration(method, temperature, cap, dict(f.opt("fit", {}, dict)))
 
 
 def parse_card(data: dict[str, Any], folder: Path) -> ModelCard:
@@ -317,6 +492,9 @@ def parse_card(data: dict[str, Any], folder: Path) -> ModelCard:
         finding=finding,
         manufacturer=f.opt("manufacturer", "befund"),
         validation=dict(f.opt("validation", {}, dict)),
+        validated_domain=(_validated_domain(f.sub("validated_domain"))
+                          if f.data.get("validated_domain") is not None else None),
+        calibration=_calibration(f.sub("calibration")) if f.data.get("calibration") is not None else None,
     )
 
 

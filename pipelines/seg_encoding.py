@@ -5,10 +5,14 @@ read level's spacing, positioned in the slide coordinate system at the source's 
 matrix origin, tiled as highdicom does for whole-slide segmentations (TotalPixelMatrix*
 attributes, TILED_FULL). Pixels outside tissue are 0. It references the slide level the tiles
 were read from and shares its study and frame of reference; UIDs come in as arguments so a
-retry produces the same object.
+retry produces the same object. Attributes converters often omit (the pixel matrix origin,
+the slide orientation, container and specimen) take `wsi_slide.SLIDE_DEFAULTS`, and an odd
+source patient module is made valid (`patient_module`), so encoding never fails on them.
 """
 
 from __future__ import annotations
+
+import logging
 
 import highdicom as hd
 import numpy as np
@@ -17,6 +21,10 @@ from pydicom.sr.codedict import codes
 
 from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard
+from pipelines.patient_module import with_valid_patient_module
+from pipelines.wsi_slide import with_slide_defaults
+
+log = logging.getLogger(__name__)
 
 MORPHOLOGICALLY_ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 SEG_SERIES_NUMBER = 9100  # above the SR series numbers; a run is told apart by InstanceNumber
@@ -51,6 +59,10 @@ def build_heatmap_seg(card: ModelCard, result: AnalysisResult, slide_header: pyd
         raise ValueError(f"heatmap was read from {hm.get('level_sop_instance_uid')}, "
                          f"not from {slide_header.SOPInstanceUID}")
     grid = _heatmap_array(result)
+    slide_header, filled = with_slide_defaults(with_valid_patient_module(slide_header))
+    if filled:
+        log.info("slide %s: SEG uses documented defaults for %s", slide_header.SOPInstanceUID,
+                 ", ".join(filled))
     spacing_mm = float(hm["tile_size_px"]) * float(hm["spacing_um"]) / 1000.0
 
     algorithm = hd.AlgorithmIdentificationSequence(

@@ -75,6 +75,7 @@ from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 from pipelines import dicom_codes as dc
 from pipelines.findings import AnalysisResult, KeyImage
 from pipelines.model_card import ModelCard
+from pipelines.patient_module import with_valid_patient_module
 from pipelines.result_uids import ResultUids, device_uid
 
 log = logging.getLogger(__name__)
@@ -299,8 +300,9 @@ def _checked_headers(source_headers: Sequence[pydicom.Dataset]) -> list[pydicom.
 
 
 def _evidence(headers: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Headers as highdicom needs them: type 2 patient/study attributes present (maybe empty)."""
-    first = copy.copy(headers[0])
+    """Headers as highdicom needs them: type 2 patient/study attributes present (maybe empty),
+    de-identification attributes valid (`patient_module`)."""
+    first = copy.copy(with_valid_patient_module(headers[0]))
     for kw in _PATIENT_STUDY_TYPE2:
         if kw not in first:
             setattr(first, kw, None)

@@ -4,7 +4,8 @@
    than 10 %; tiles are read there (never the base level resized). A tile of `tile_size` model
    pixels covers round(tile_size * model spacing / level spacing) level pixels (resized only
    when a slide lacks a level at the model's spacing).
-2. Tissue: WSInfer-style detection on the smallest level (pipelines.tissue); a tile is kept
+2. Tissue: WSInfer-style detection (pipelines.tissue) on the overview level, the one nearest
+   8-16 um/px with at least 256 px on its short side (`Slide.overview_level`); a tile is kept
    when its centre lies in tissue.
 3. Decode: kept tiles are grouped into chunks of 8 x 8 tiles; each chunk decodes only the
    frames its kept tiles touch (in worker processes when an executor is given). Chunks are
@@ -13,7 +14,12 @@
 4. Infer: tiles are normalised per the card and run in batches of card batch_size.
 5. Verdict: the card's aggregation (`top3_mean` for the reference model: the mean of the three
    most suspicious tiles) over the tissue tiles' probabilities, compared with the card's
-   threshold. Tumor area = tiles with probability >= 0.5 times the tile area.
+   threshold; its certainty is the card's calibration of that score. Tumor area = tiles with
+   probability >= 0.5 times the tile area.
+
+The card's validated domain is checked on the way: the read level's pixel spacing and a
+stated stain before any tile is decoded, the OOD score on the colour of the tiles the model
+saw before a verdict is given (pipelines.domain). Outside it: "not analysed", with the reason.
 
 `infer` takes an (n, 3, T, T) float32 batch and returns (n, n_classes) raw outputs.
 """
@@ -31,10 +37,11 @@ import numpy as np
 from PIL import Image
 
 from pipelines.ct_triage import aggregate, positive_probability
+from pipelines.domain import FEATURES, OutsideDomain, check_ood, shown, slide_vector
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
-from pipelines.model_card import ModelCard, WsiPreprocessing
+from pipelines.model_card import ModelCard, ValidatedDomain, WsiPreprocessing
 from pipelines.tissue import TissueMask, detect_tissue
-from pipelines.wsi_slide import FILL, Level, Slide, decode_bytes, open_slide, read_level_image
+from pipelines.wsi_slide import FILL, Level, Slide, decode_bytes, open_slide, read_overview
 
 Infer = Callable[[np.ndarray], np.ndarray]
 CHUNK_TILES = 8  # chunk side in tiles (8 x 224 = 1792 = 7 x 256: frame-aligned for 224 tiles)
@@ -42,14 +49,37 @@ SPACING_TOLERANCE = 1.1  # a level may be at most 10 % coarser than the model's 
 TUMOR_TILE_PROBABILITY = 0.5  # a tile counts towards tumor area from this probability
 
 
-def choose_level(slide: Slide, spacing_um: float) -> Level:
-    """The coarsest level not coarser than the model's spacing (+10 %); else not analysable."""
+def choose_level(slide: Slide, spacing_um: float, domain: ValidatedDomain | None = None,
+                 model: str = "the model") -> Level:
+    """The coarsest level not coarser than the model's spacing (+10 %); else not analysable.
+    With the card's `domain`, the chosen level's spacing must lie in its validated range."""
     fine_enough = [lv for lv in slide.levels if lv.spacing_um <= spacing_um * SPACING_TOLERANCE]
+    subject = f"slide {slide.series_instance_uid}"
+    valid = domain.pixel_spacing_um if domain is not None else None
     if not fine_enough:
         finest = slide.levels[0].spacing_um
+        if valid is not None:
+            raise OutsideDomain(subject, model, "pixel spacing", f"{finest:.3g} um/px (its finest level)",
+                                f"{valid} um/px: tiles are read at {spacing_um:.3g} um/px; rescan at "
+                                "higher magnification")
         raise NotAnalysable(f"slide {slide.series_instance_uid} is scanned at {finest:.3g} um/px; the model "
                             f"needs {spacing_um:.3g} um/px or finer (rescan at higher magnification)")
-    return max(fine_enough, key=lambda lv: lv.spacing_um)
+    level = max(fine_enough, key=lambda lv: lv.spacing_um)
+    if valid is not None and not valid.holds(level.spacing_um):
+        raise OutsideDomain(subject, model, "pixel spacing", f"{level.spacing_um:.3g} um/px (the level "
+                            f"nearest {spacing_um:.3g} um/px)", f"{valid} um/px")
+    return level
+
+
+def check_stains(slide: Slide, domain: ValidatedDomain | None, model: str) -> None:
+    """A slide that names a staining substance the model was not validated on is refused; one
+    that names none is taken as H&E (wsi_slide.SLIDE_DEFAULTS)."""
+    if domain is None or not domain.stains or not slide.stains_stated:
+        return
+    other = [s for s in slide.stains if s not in domain.stains]
+    if other:
+        raise OutsideDomain(f"slide {slide.series_instance_uid}", model, "stain",
+                            ", ".join(shown(s, 40) for s in other), " + ".join(domain.stains))
 
 
 @dataclass(frozen=True)
@@ -66,6 +96,7 @@ class ChunkJob:
     tiles: tuple[tuple[int, int], ...]  # (grid row, grid col) of each kept tile
     read_px: int  # tile side in level pixels
     out_px: int  # tile side the model takes
+    photometric: str = ""  # the level's PhotometricInterpretation (JPEG streams that do not say)
 
 
 def decode_chunk(job: ChunkJob) -> tuple[tuple[tuple[int, int], ...], np.ndarray, float]:
@@ -85,7 +116,8 @@ def decode_chunk(job: ChunkJob) -> tuple[tuple[tuple[int, int], ...], np.ndarray
                         continue
                     if (ty, tx) not in cache:
                         fp.seek(where[0])
-                        cache[(ty, tx)] = decode_bytes(job.transfer_syntax, fp.read(where[1]), tr, tc)
+                        cache[(ty, tx)] = decode_bytes(job.transfer_syntax, fp.read(where[1]), tr, tc,
+                                                       job.photometric)
                     frame = cache[(ty, tx)]
                     y0, x0 = ty * tr, tx * tc
                     sy0, sx0 = max(y, y0), max(x, x0)
@@ -118,7 +150,7 @@ def chunk_jobs(level: Level, keep: np.ndarray, read_px: int, out_px: int) -> lis
                         if idx is not None:
                             frames[(ty, tx)] = (int(level.frame_offsets[idx]), int(level.frame_lengths[idx]))
             jobs.append(ChunkJob(str(level.path), level.transfer_syntax, tr, tc, level.rows, level.cols,
-                                 frames, tiles, read_px, out_px))
+                                 frames, tiles, read_px, out_px, level.photometric))
     return jobs
 
 
@@ -142,6 +174,9 @@ class _Batcher:
         self.where: list[tuple[int, int]] = []
         self.infer_s = self.normalise_s = 0.0
         self.count = 0
+        domain = card.validated_domain
+        self.ood = domain.ood if domain is not None else None
+        self.feature_rows: list[np.ndarray] = []  # the OOD score's per-tile features
 
     def add(self, where: Sequence[tuple[int, int]], tiles: np.ndarray) -> None:
         self.tiles.extend(tiles)
@@ -155,7 +190,10 @@ class _Batcher:
 
     def _run(self, n: int) -> None:
         t0 = time.perf_counter()
-        x = normalise(np.stack(self.tiles[:n]), self.pre)
+        batch = np.stack(self.tiles[:n])
+        if self.ood is not None:
+            self.feature_rows.append(FEATURES[self.ood.features].compute(batch))
+        x = normalise(batch, self.pre)
         t1 = time.perf_counter()
         p = positive_probability(np.asarray(self.infer(x)), self.card)
         t2 = time.perf_counter()
@@ -200,8 +238,9 @@ def _run_chunks(jobs: list[ChunkJob], batcher: _Batcher, executor: Executor | No
 
 
 def tissue_of(slide: Slide, pre: WsiPreprocessing) -> TissueMask:
-    thumb = slide.thumbnail_level
-    return detect_tissue(read_level_image(thumb), thumb.spacing_um, pre.tissue_saturation)
+    """Tissue on the slide's overview level (near 8-16 um/px, never under 256 px a side)."""
+    rgb, spacing_um = read_overview(slide)
+    return detect_tissue(rgb, spacing_um, pre.tissue_saturation)
 
 
 def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer,
@@ -212,9 +251,12 @@ def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer
         raise ValueError(f"model {card.key} is a {card.task} model, not a slide tile model")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    domain = card.validated_domain
+    model = f"the {card.name} model"
     try:
         slide = open_slide(paths)
-        level = choose_level(slide, pre.spacing_um)
+        level = choose_level(slide, pre.spacing_um, domain, model)
+        check_stains(slide, domain, model)
     except NotAnalysable as exc:
         return AnalysisResult.not_analysed(str(exc), open=time.perf_counter() - t0)
     t1 = time.perf_counter()
@@ -248,6 +290,16 @@ def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer
     timings["infer"] = batcher.infer_s
     timings["tiles_stage"] = t4 - t3
 
+    ood_distance = None
+    if batcher.ood is not None:
+        vector = slide_vector(batcher.feature_rows)
+        try:
+            if vector is None:
+                raise OutsideDomain(f"slide {slide.series_instance_uid}", model, "stained tissue",
+                                    "none in the tissue tiles", "H&E-stained tissue")
+            ood_distance = check_ood(batcher.ood, vector, f"slide {slide.series_instance_uid}", model)
+        except NotAnalysable as exc:
+            return AnalysisResult.not_analysed(str(exc), **timings)
     tile_probs = probs[keep]
     score = aggregate(tile_probs, card.postprocessing.aggregation)
     tumor_tiles = int((tile_probs >= TUMOR_TILE_PROBABILITY).sum())
@@ -282,7 +334,11 @@ def analyse_wsi_slide(card: ModelCard, paths: Sequence[str | Path], infer: Infer
         "level_spacing_um": level.spacing_um,
         "tiles_per_second": round(batcher.count / max(t4 - t3, 1e-9), 2),
     }
+    if ood_distance is not None:
+        measurements["ood_distance"] = round(ood_distance, 3)
+    threshold = card.postprocessing.threshold
+    probability = card.calibration.probability(score, threshold) if card.calibration else None
     return AnalysisResult.verdict(
-        score, card.postprocessing.threshold, key_images=tuple(key_images),
+        score, threshold, probability, key_images=tuple(key_images),
         scores=tuple(round(float(p), 4) for p in tile_probs), measurements=measurements,
         timings={k: round(v, 4) for k, v in timings.items()}, heatmap=heatmap)

@@ -117,3 +117,15 @@ def test_key_images_of_a_positive_study_show_the_bleed(outcomes):
             continue
         best = int(np.argmax(result.scores))
         assert bleed_area[max(best - 1, 0): best + 2].max() > 0, (finding, seed)
+
+
+def test_held_out_studies_pass_the_domain_check_with_calibrated_certainty(card, outcomes):
+    """Every held-out phantom is inside the validated domain (the fixture asserts each was
+    analysed), and its certainty is the card's calibration of its score, never 1."""
+    ood, calibration = card.validated_domain.ood, card.calibration
+    distances = [r.measurements["ood_distance"] for _, _, r, *_ in outcomes]
+    assert max(distances) <= ood.threshold
+    for _, _, result, *_ in outcomes:
+        p = calibration.probability(result.score, card.postprocessing.threshold)
+        assert result.certainty == pytest.approx(max(p, 1 - p))
+        assert result.certainty <= calibration.max_certainty < 1.0

@@ -48,6 +48,40 @@ def test_bad_card_is_refused_naming_the_field(ich, change, message):
     assert message in str(err.value) and "card.yaml" in str(err.value)
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["validated_domain"].update(slice_thickness_mm=[5, 2.5]),
+     "validated_domain.slice_thickness_mm: [5, 2.5] is not a range"),
+    (lambda d: d["validated_domain"].update(kvp="120"), "validated_domain.kvp: '120' is not a list"),
+    (lambda d: d["validated_domain"].update(slice_spacing=[1, 5]),
+     "validated_domain.slice_spacing: unknown field"),
+    (lambda d: d["validated_domain"].update(convolution_kernel_families=["medium"]),
+     "validated_domain.convolution_kernel_families: 'medium' is not one of soft, sharp"),
+    (lambda d: d["validated_domain"].update(contrast="no"),
+     "validated_domain.contrast: 'no' is not true or false"),
+    (lambda d: d["validated_domain"].pop("never_validated_on"),
+     "validated_domain.never_validated_on: required field is missing"),
+    (lambda d: d["validated_domain"].update(never_validated_on=[{"real scans": "never"}]),
+     "validated_domain.never_validated_on: give one line of text per item"),
+    (lambda d: d["validated_domain"]["ood"].update(features="penultimate"),
+     "validated_domain.ood.features: 'penultimate' is not one of"),
+    (lambda d: d["validated_domain"]["ood"].update(names=["a", "b"]), "validated_domain.ood.names"),
+    (lambda d: d["validated_domain"]["ood"].update(mean=[0.0]), "validated_domain.ood.mean: 1 values for 6"),
+    (lambda d: d["validated_domain"]["ood"].update(precision=[[-1.0 if i == j else 0.0 for j in range(6)]
+                                                              for i in range(6)]),
+     "validated_domain.ood.precision: must be positive definite"),
+    (lambda d: d["validated_domain"]["ood"].update(threshold=0),
+     "validated_domain.ood.threshold: 0.0 must be"),
+    (lambda d: d["calibration"].update(method="isotonic"), "calibration.method: 'isotonic' is not one of"),
+    (lambda d: d["calibration"].update(temperature=-1), "calibration.temperature: -1.0 must be a positive"),
+    (lambda d: d["calibration"].update(max_certainty=1.0), "calibration.max_certainty: 1.0 must lie"),
+])
+def test_bad_domain_or_calibration_is_refused_naming_the_field(ich, change, message):
+    edit(ich, change)
+    with pytest.raises(CardError) as err:
+        load_card(ich)
+    assert message in str(err.value) and "card.yaml" in str(err.value)
+
+
 def test_one_broken_model_does_not_stop_the_others(ich):
     broken = ich.parent / "broken"
     shutil.copytree(ich, broken)

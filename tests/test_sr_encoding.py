@@ -402,3 +402,19 @@ def test_pixelmed_sr_validator_finds_no_errors(ich_card, tumor_card, tmp_path):
     for name, (errors, warnings) in reports.items():
         assert errors == [], f"{name}: {errors}"
         assert warnings == [], f"{name}: {warnings}"
+
+
+@needs_dciodvfy
+def test_sr_from_a_deidentified_source_without_a_method_passes_dciodvfy(ich_card, tmp_path):
+    """As the GE head CT was de-identified: PatientIdentityRemoved YES, DeidentificationMethod
+    empty (type 1C then). The SR keeps YES, says the method was not stated, and stays valid."""
+    headers = ct_headers(2)
+    for h in headers:
+        h.PatientIdentityRemoved = "YES"
+        h.DeidentificationMethod = ""
+    for result in (AnalysisResult.verdict(0.08, 0.5), AnalysisResult.not_analysed("slices too thick")):
+        ds = build_result_sr(ich_card, result, headers, _uids(), 1)
+        assert ds.PatientIdentityRemoved == "YES" and "not stated" in ds.DeidentificationMethod
+        errors, _ = dciodvfy_errors(write(ds, tmp_path / "deidentified.dcm"))
+        assert errors == []
+    assert headers[0].DeidentificationMethod == ""  # the source header is not changed

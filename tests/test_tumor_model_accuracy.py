@@ -44,7 +44,11 @@ def test_slide_verdicts_on_fresh_seeds(card_and_infer, tmp_path):
     for seed, tumor in FRESH_SLIDES:
         paths = write_wsi_slide(tmp_path / str(seed), 6144, 4608, tumor, seed)
         result = analyse_wsi_slide(card, paths, infer)
-        assert result.analysed, result.reason
+        assert result.analysed, result.reason  # inside the validated domain
+        assert result.measurements["ood_distance"] <= card.validated_domain.ood.threshold
+        p = card.calibration.probability(result.score, card.postprocessing.threshold)
+        assert result.certainty == pytest.approx(max(p, 1 - p))
+        assert result.certainty <= card.calibration.max_certainty
         tp += bool(tumor) and result.present
         tn += (not tumor) and not result.present
     assert (tp / 2, tn / 2) == (1.0, 1.0)  # sensitivity, specificity on two slides each

@@ -92,3 +92,82 @@ def test_unsupported_transfer_syntax_is_not_analysable(slides, tmp_path):
     ds.save_as(tmp_path / "x.dcm")
     with pytest.raises(NotAnalysable, match="not supported"):
         open_slide([tmp_path / "x.dcm"])
+
+
+# --- JPEG colour: the stream's markers against PhotometricInterpretation ------------------------
+
+
+def _patch() -> np.ndarray:
+    """64 x 64 px of H&E-like colours (pink to purple), smooth enough for JPEG to keep them."""
+    yy, xx = np.mgrid[0:64, 0:64] / 63.0
+    rgb = np.stack([230 - 110 * yy, 150 - 80 * xx, 200 - 40 * yy * xx], axis=-1)
+    return rgb.round().astype(np.uint8)
+
+
+def _segments(data: bytes):
+    """(marker, body) of each segment before the scan, then (0xDA, the rest after the marker)."""
+    i = 2
+    while True:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            yield marker, data[i + 2:]
+            return
+        yield marker, data[i + 4:i + 2 + length]
+        i += 2 + length
+
+
+def _silent(data: bytes) -> bytes:
+    """The same stream without JFIF / Adobe markers and with component IDs 1, 2, 3: a stream
+    that does not say how it is coded (as some converters write it)."""
+    out = bytearray(data[:2])
+    for marker, body in _segments(data):
+        body = bytearray(body)
+        if marker in (0xE0, 0xEE):
+            continue
+        if marker == 0xC0:
+            for k in range(body[5]):
+                body[6 + 3 * k] = k + 1
+        if marker == 0xDA:
+            length = int.from_bytes(body[:2], "big")
+            for k in range(body[2]):
+                body[3 + 2 * k] = k + 1
+            out += b"\xff\xda" + bytes(body[:length]) + bytes(body[length:])
+            break
+        out += bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + bytes(body)
+    return bytes(out)
+
+
+def _frames_built_both_ways(rgb: np.ndarray) -> dict[str, tuple[bytes, str, str | None]]:
+    """name -> (JPEG bytes, PhotometricInterpretation declared, colour space the stream states)."""
+    import io
+
+    import imagecodecs
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95, subsampling=0)
+    ycbcr = buf.getvalue()  # YCbCr-coded with a JFIF marker
+    plain = bytes(imagecodecs.jpeg8_encode(rgb, 95, colorspace="RGB", outcolorspace="RGB"))  # Adobe, RGB
+    return {
+        "YCbCr coded, JFIF, declared RGB (the wsi2dcm quirk)": (ycbcr, "RGB", "YCbCr"),
+        "RGB coded, Adobe, declared RGB": (plain, "RGB", "RGB"),
+        "RGB coded, Adobe, declared YBR_FULL_422": (plain, "YBR_FULL_422", "RGB"),
+        "RGB coded, no markers, declared RGB": (_silent(plain), "RGB", None),
+        "YCbCr coded, no markers, declared YBR_FULL_422": (_silent(ycbcr), "YBR_FULL_422", None),
+    }
+
+
+def test_jpeg_frames_decode_to_the_right_colours_whichever_way_they_were_built():
+    from pipelines.wsi_slide import JPEG_BASELINE, decode_bytes, jpeg_colour_space
+
+    rgb = _patch()
+    for name, (data, photometric, stated) in _frames_built_both_ways(rgb).items():
+        assert jpeg_colour_space(data) == stated, name
+        decoded = decode_bytes(JPEG_BASELINE, data, 64, 64, photometric)
+        error = np.abs(decoded.astype(int) - rgb.astype(int)).mean(axis=(0, 1))
+        assert error.max() < 4, f"{name}: mean error per channel {error}"
+
+
+def test_a_slide_level_passes_its_photometric_interpretation_to_the_decoder(slides):
+    level = _level1(slides["full"])
+    assert level.photometric == "YBR_FULL_422"

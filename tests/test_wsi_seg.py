@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from pathlib import Path
@@ -65,3 +66,32 @@ def test_heatmap_seg_sits_on_the_slide_at_tile_resolution(seg_and_source):
     pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)[0][: hm["rows"], : hm["cols"]]
     values = np.clip(np.array(hm["values"]).reshape(hm["rows"], hm["cols"]), 0, 1)
     assert np.abs(pixels / 255.0 - values).max() <= 1 / 255 + 1e-6
+
+
+OMITTED = ("TotalPixelMatrixOriginSequence", "ImageOrientationSlide", "OpticalPathSequence",
+           "NumberOfOpticalPaths", "ContainerIdentifier", "SpecimenDescriptionSequence")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+def test_seg_of_a_slide_that_omits_what_converters_omit_is_valid_with_documented_defaults(
+        seg_and_source, tmp_path):
+    """No pixel matrix origin, orientation, optical path, container or specimen (the EZ-WSI
+    Camelyon export has none of them), and a de-identified patient module without a method."""
+    _, source, result, card = seg_and_source
+    bare = copy.deepcopy(source)  # pydicom.Dataset(source) would share the element dict
+    for kw in OMITTED:
+        delattr(bare, kw)
+    bare.PatientIdentityRemoved = "YES"
+    bare.DeidentificationMethod = ""
+    seg = build_heatmap_seg(card, result, bare, SERIES, SOP, run=2)
+    assert all(kw not in bare for kw in OMITTED)  # the caller's header is left as it was
+    origin = seg.TotalPixelMatrixOriginSequence[0]
+    assert float(origin.XOffsetInSlideCoordinateSystem) == float(origin.YOffsetInSlideCoordinateSystem) == 0
+    assert [float(v) for v in seg.ImageOrientationSlide] == [0, -1, 0, -1, 0, 0]
+    assert seg.ContainerIdentifier == "UNKNOWN"
+    assert "not stated" in seg.DeidentificationMethod
+    out = tmp_path / "seg.dcm"
+    seg.save_as(out)
+    run = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True)
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors

@@ -16,7 +16,9 @@ sliver of a bleed are left out of the loss (neither clearly positive nor clearly
 
 Seeds: training 100000+, threshold selection 200000+, held-out evaluation 300000+ (the test
 suite re-measures on 400000+). The held-out figures are measured through analyse_ct_series
-on DICOM files written to a temporary folder, with an onnxruntime session.
+on DICOM files written to a temporary folder, with an onnxruntime session. At the end,
+models/ich_ct/fit_domain.py fits the card's out-of-distribution score and calibration on the
+new model (its own seeds are listed there).
 """
 
 from __future__ import annotations
@@ -268,6 +270,10 @@ def main() -> int:
     parse_card(yaml.safe_load(card_path.read_text()), HERE)
     load_card(HERE)  # the sha256 matches
     print(yaml.safe_dump(validation, sort_keys=False))
+    # the new model's out-of-distribution score and calibration (card.yaml, reliability.png)
+    from models.ich_ct import fit_domain
+
+    fit_domain.main([f"--threads={args.threads}"])
     print(f"total {time.perf_counter() - t_start:.0f} s wall, {cpu_seconds():.0f} CPU s")
     return 0
 

@@ -9,7 +9,8 @@ round-tripped (quality and 4:2:2 subsampling as in the DICOM phantoms) and then 
 224-px windows, so the network sees what the reader decodes. The target is the tumor fraction
 of the window (soft label). Validation uses fresh seeds: tile AUC on held-out windows, and
 slide-level sensitivity/specificity through the product pipeline (pipelines.wsi_analysis with an
-onnxruntime session) on freshly written DICOM phantom slides.
+onnxruntime session) on freshly written DICOM phantom slides. At the end,
+models/tumor_wsi/fit_domain.py fits the card's out-of-distribution score and calibration.
 """
 
 from __future__ import annotations
@@ -271,6 +272,10 @@ def main() -> int:
     figures.update(slide_validation(model_path))
     write_card(sha256_of(model_path), figures)
     print(figures)
+    # the model's out-of-distribution score and calibration (card.yaml, reliability.png)
+    from models.tumor_wsi import fit_domain
+
+    fit_domain.main([])
     return 0
 
 

@@ -32,6 +32,15 @@ from service.state.backend import Tx
 from service.state.rows import JOB_FINAL, Delivery, Job, Series
 from service.state.schema import migrate
 
+# A slide series holds LABEL, OVERVIEW and THUMBNAIL images beside its pyramid levels, in
+# whatever order the sender picks (dcmsend: directory order). The series' image type, which
+# routing reads, is that of its first instance unless that one is such an associated image
+# and a later one is not: a label sent first must not stand for the whole slide.
+_ASSOCIATED = " OR ".join(f"{{t}}.image_type LIKE '%\"{kind}\"%'"
+                          for kind in ("LABEL", "OVERVIEW", "THUMBNAIL"))
+_IMAGE_TYPE_UPDATE = (f"image_type=excluded.image_type WHERE ({_ASSOCIATED.format(t='series')}) "
+                      f"AND NOT ({_ASSOCIATED.format(t='excluded')})")
+
 
 @dataclass(frozen=True)
 class PlannedJob:
@@ -166,7 +175,7 @@ class StateDB:
                 """INSERT INTO series(series_uid, study_uid, modality, body_part, sop_class_uid,
                        descriptions, image_type, first_received_at, last_received_at)
                    VALUES (?,?,?,?,?,?,?,?,?)
-                   ON CONFLICT(series_uid) DO NOTHING""",
+                   ON CONFLICT(series_uid) DO UPDATE SET """ + _IMAGE_TYPE_UPDATE,
                 (inst.series_uid, inst.study_uid, inst.modality, inst.body_part,
                  inst.sop_class_uid, json.dumps(list(inst.descriptions)),
                  json.dumps(list(inst.image_type)), now, now))

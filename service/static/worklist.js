@@ -103,9 +103,12 @@
     return known ? known : [stateText(row.state), "st-wait"];
   }
 
+  // Certainty of the stated verdict (calibrated by the model card). Never "100%": no model is
+  // certain, and a value that would round to it, or anything above 99 %, reads ">99%".
   function pct(c) {
     if (c === null || c === undefined || c === "" || isNaN(Number(c))) return "";
-    return Math.round(Number(c) * 100) + "%";
+    const v = Number(c);
+    return v > 0.99 ? ">99%" : Math.round(v * 100) + "%";
   }
 
   function fmtTime(epoch) {
