@@ -37,6 +37,7 @@ class AnalysisResult:
     measurements: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     heatmap: dict[str, Any] | None = None  # WSI: {"rows","cols","values" (row-major), ...}
+    threshold_source: str = ""  # where `threshold` came from when not the card: a site's operating point
 
     def __post_init__(self) -> None:
         if not self.analysed and not self.reason:

@@ -84,10 +84,31 @@ def startup_lines(config: Config, http_host: str, var_dir: str) -> list[str]:
     return lines
 
 
+def check_models(config: Config) -> None:
+    """Refuse to start (ValueError, with the message) when the model cards cannot run together
+    (pipelines/model_lineup.py) or `site_thresholds` names a model no card under models_dir
+    has; print what is not run and why."""
+    from pipelines.model_lineup import model_lineup
+    from service.site_thresholds import unknown_models
+
+    lineup = model_lineup(config.models_dir)
+    for folder, why in lineup.retired.items():
+        print(f"befund: model {folder} not run: {why}", flush=True)
+    for card in lineup.cards:
+        if card.mode == "shadow":
+            print(f"befund: model {card.key} runs in shadow mode (kept, never delivered)", flush=True)
+    known = lineup.known_keys()
+    missing = unknown_models(config.site_thresholds, known)
+    if missing:
+        raise ValueError(f"site_thresholds: {', '.join(missing)} names no model under "
+                         f"{config.models_dir} (known: {', '.join(sorted(known)) or 'none'})")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.private_files import keep_files_private
 
     config = _config(args)  # fail here, with the message, not inside a worker
+    check_models(config)  # two active versions of a model, thresholds for no model: the same
     keep_files_private()  # inherited by BentoML's arbiter and every worker (patient data)
     busy = ports_in_use(config, args.host)
     if busy:

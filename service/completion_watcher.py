@@ -137,14 +137,15 @@ class CompletionWatcher:
             state, reason = "ignored", route.reason
         else:
             state, reason = "no_model", route.reason
-        planned = [PlannedJob(c.name, c.version, job_priority(c)) for c in route.cards]
+        planned = [PlannedJob(c.name, c.version, job_priority(c), c.mode) for c in route.cards]
         created = self.db.complete_series(uid, revision, signal, now, planned, state, reason)
         if created is None:
             return 0
         metrics.SERIES_COMPLETED.labels(signal).inc()
         for job_id, job in created:
-            log.info("series %s complete (%s, %d instances): job %s for %s@%s", uid, signal, count,
-                     job_id, job.model_name, job.model_version)
+            log.info("series %s complete (%s, %d instances): job %s for %s@%s%s", uid, signal, count,
+                     job_id, job.model_name, job.model_version,
+                     " (shadow)" if job.mode == "shadow" else "")
         if state == "no_model":
             log.info("series %s complete (%s): %s", uid, signal, reason)
         return len(created)

@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from pipelines.model_card import ModelCard, usable_cards
+from pipelines.model_card import ModelCard
+from pipelines.model_lineup import model_lineup
 from service import metrics
 from service.completion_watcher import CompletionWatcher, RunAnswer
 from service.config import Config
@@ -61,10 +62,14 @@ class Node:
         tighten_var_dir(config.var_path)
         self.token = load_or_create_token(config)
         self.card_errors: dict[str, str] = {}
+        self.retired: dict[str, str] = {}  # disabled or superseded cards: not run, by design
         if cards is None:
-            cards, self.card_errors = usable_cards(config.models_dir)
+            lineup = model_lineup(config.models_dir)  # two active versions of a model: refused
+            cards, self.card_errors, self.retired = list(lineup.cards), lineup.errors, lineup.retired
             for folder, error in self.card_errors.items():
                 log.error("model %s not loaded: %s", folder, error)
+            for folder, why in self.retired.items():
+                log.info("model %s not run: %s", folder, why)
         self.cards = cards
         self.db = StateDB(config.database_url or config.db_path, instance_id=self.owner,
                           pool_size=config.database_pool_size, timeout_s=config.database_timeout_s)
@@ -101,7 +106,8 @@ class Node:
         self.retention.start()
         threading.Thread(target=self._refresh_gauges, name="gauges", daemon=True).start()
         log.info("DICOM listener %s on port %d; %d model(s): %s", self.config.ae_title,
-                 self.listener.port, len(self.cards), ", ".join(c.key for c in self.cards))
+                 self.listener.port, len(self.cards),
+                 ", ".join(c.key + (" (shadow)" if c.mode == "shadow" else "") for c in self.cards))
 
     def start_jobs(self, analyse: Analyse) -> None:
         self.runner = JobRunner(self.db, {c.key: c for c in self.cards}, analyse, self.config,

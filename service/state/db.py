@@ -49,6 +49,7 @@ class PlannedJob:
     model_name: str
     model_version: str
     priority: int
+    mode: str = "active"  # the card's mode: "shadow" jobs run, and are never delivered
 
 
 def is_postgres_url(target: str | Path) -> bool:
@@ -331,7 +332,8 @@ class StateDB:
                 return None
             created = [(job_id, job) for job in planned
                        if (job_id := self._create_job(tx, Series.from_row(series), job.model_name,
-                                                      job.model_version, job.priority, at)) is not None]
+                                                      job.model_version, job.priority, at,
+                                                      job.mode)) is not None]
             tx.execute("""UPDATE series SET state=?, reason=?, ready_requested=0, completed_by=?,
                               completed_at=? WHERE series_uid=?""",
                        (state, reason, signal, at, series_uid))
@@ -340,18 +342,19 @@ class StateDB:
             return created
 
     def create_job_if_new(self, series: Series, model_name: str, model_version: str,
-                          priority: int, completed_at: float) -> int | None:
+                          priority: int, completed_at: float, mode: str = "active") -> int | None:
         """One job per series x model version x run; a new run only when the series changed
         since the last run (new instances, new versions, files back after retention, or a run
         asked for again: each raises the series' revision)."""
         with self.transaction() as tx:
-            job_id = self._create_job(tx, series, model_name, model_version, priority, completed_at)
+            job_id = self._create_job(tx, series, model_name, model_version, priority, completed_at,
+                                      mode)
             if job_id is not None:
                 tx.notify("jobs")
             return job_id
 
     def _create_job(self, tx: Tx, series: Series, model_name: str, model_version: str,
-                    priority: int, completed_at: float) -> int | None:
+                    priority: int, completed_at: float, mode: str = "active") -> int | None:
         last = tx.execute(
             """SELECT run, series_revision FROM jobs
                WHERE series_uid=? AND model_name=? AND model_version=?
@@ -365,10 +368,11 @@ class StateDB:
         row = tx.execute(
             """INSERT INTO jobs(series_uid, study_uid, model_name, model_version, run,
                    instance_count, priority, series_completed_at, series_revision,
-                   created_at, updated_at)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id""",
+                   created_at, updated_at, mode)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id""",
             (series.series_uid, series.study_uid, model_name, model_version, run,
-             series.instance_count, priority, completed_at, series.revision, now, now)).fetchone()
+             series.instance_count, priority, completed_at, series.revision, now, now,
+             mode)).fetchone()
         return int(row["id"])
 
     def runs_of(self, series_uid: str) -> list[Job]:
