@@ -7,6 +7,7 @@
     befund status [--config befund.yaml]   (exit 0 ready, 1 not ready, 2 no answer)
     befund user add NAME --role radiologist|admin|ml [--password-stdin]
     befund user list | befund user disable NAME
+    befund model shadow-report NAME [--since 7d]
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from service.config import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_HELP = ("YAML config (default: befund.yaml in the working directory if present, "
+               "else built-in defaults)")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -274,8 +277,7 @@ def _node_tls_context(config: Config) -> ssl.SSLContext | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="befund", description=__doc__, formatter_class=_Help)
     sub = p.add_subparsers(dest="command", required=True)
-    config_help = ("YAML config (default: befund.yaml in the working directory if present, "
-                   "else built-in defaults)")
+    config_help = CONFIG_HELP
 
     s = sub.add_parser("serve", help="start the node (BentoML gateway + model service)",
                        formatter_class=_Help)
@@ -334,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--replace", action="store_true", help="set a new role and password for an existing user")
     us.add_argument("--config", help=config_help)
     us.set_defaults(func=cmd_user)
+
+    from service.shadow_report_cli import add_shadow_report_parser
+
+    mo = sub.add_parser("model", help="what ML engineers ask of their models", formatter_class=_Help)
+    model_commands = mo.add_subparsers(dest="model_command", required=True)
+    add_shadow_report_parser(model_commands)
     return p
 
 

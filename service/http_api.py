@@ -167,10 +167,12 @@ async def list_models(request: Request) -> PatientJSON:
     node = current_node()
     return PatientJSON({
         "models": [{"key": c.key, "name": c.name, "version": c.version, "task": c.task,
+                    "mode": c.mode, "supersedes": c.supersedes,
                     "intended_use": c.intended_use, "validation": c.validation}
                    for c in node.cards],
         "refused": [{"folder": folder, "error": error}
-                    for folder, error in node.card_errors.items()]})
+                    for folder, error in node.card_errors.items()],
+        "not_run": [{"folder": folder, "reason": why} for folder, why in node.retired.items()]})
 
 
 async def node_status(request: Request) -> PatientJSON:
@@ -260,9 +262,11 @@ class _LazyTokenGate:
 
 def build_app() -> Starlette:
     from service.admin_api import ADMIN_ROUTES
+    from service.shadow_api import SHADOW_ROUTES
     from service.worklist_page import worklist_routes
     from service.worklist_source import NodeWorklistSource
 
-    app = Starlette(routes=API_ROUTES + ADMIN_ROUTES + worklist_routes(NodeWorklistSource()))
+    app = Starlette(routes=API_ROUTES + ADMIN_ROUTES + SHADOW_ROUTES
+                    + worklist_routes(NodeWorklistSource()))
     app.add_middleware(_LazyTokenGate)
     return app

@@ -473,11 +473,16 @@ class StateDB:
         same job after a lease ran out) is one outbox row."""
         assert state in JOB_FINAL
         now = time.time()
+        present = result.get("present")
+        score = result.get("score")
         with self.transaction() as tx:
             tx.execute(
                 """UPDATE jobs SET state=?, result=?, last_error=?, lease_until=NULL,
-                       updated_at=?, finished_at=?, stage=?, analysis=NULL WHERE id=?""",
-                (state, json.dumps(result), error, now, now, stage, job_id))
+                       updated_at=?, finished_at=?, stage=?, analysis=NULL, present=?, score=?
+                   WHERE id=?""",
+                (state, json.dumps(result), error, now, now, stage,
+                 None if present is None else int(bool(present)),
+                 float(score) if isinstance(score, (int, float)) else None, job_id))
             for kind, destination, payload in deliveries:
                 tx.execute(
                     """INSERT INTO outbox(job_id, kind, destination, payload, created_at,
