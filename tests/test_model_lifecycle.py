@@ -193,3 +193,14 @@ def test_the_config_keeps_site_thresholds_apart_from_the_environment(tmp_path):
     assert parse_site_thresholds(None) == ()
     [rule] = cfg.site_thresholds
     assert rule.model == "ich_ct" and rule.institution == (("klinikum nord", 0.45),)
+
+
+def test_shadow_jobs_queue_behind_every_active_job(models):
+    from dataclasses import replace
+
+    from service.routing import job_priority
+
+    active = load_card(models / "ich_ct")
+    low = replace(active, postprocessing=replace(active.postprocessing, priority_when_positive="low"))
+    shadow = replace(active, version="0.2.0", mode="shadow")
+    assert job_priority(shadow) < job_priority(low) < job_priority(active)
