@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from service.config import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_HELP = ("YAML config (default: befund.yaml in the working directory if present, "
-               "else built-in defaults)")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -277,7 +275,8 @@ def _node_tls_context(config: Config) -> ssl.SSLContext | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="befund", description=__doc__, formatter_class=_Help)
     sub = p.add_subparsers(dest="command", required=True)
-    config_help = CONFIG_HELP
+    config_help = ("YAML config (default: befund.yaml in the working directory if present, "
+                   "else built-in defaults)")
 
     s = sub.add_parser("serve", help="start the node (BentoML gateway + model service)",
                        formatter_class=_Help)
@@ -337,11 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--config", help=config_help)
     us.set_defaults(func=cmd_user)
 
+    # `befund model shadow-report`; the `befund model` group will hold check, bench and evaluate too
     from service.shadow_report_cli import add_shadow_report_parser
 
     mo = sub.add_parser("model", help="what ML engineers ask of their models", formatter_class=_Help)
-    model_commands = mo.add_subparsers(dest="model_command", required=True)
-    add_shadow_report_parser(model_commands)
+    add_shadow_report_parser(mo.add_subparsers(dest="model_command", required=True))
     return p
 
 

@@ -70,6 +70,10 @@ class Node:
                 log.error("model %s not loaded: %s", folder, error)
             for folder, why in self.retired.items():
                 log.info("model %s not run: %s", folder, why)
+            from service.site_thresholds import unknown_models
+
+            for model in unknown_models(config.site_thresholds, lineup.known_keys()):
+                log.warning("site_thresholds: %s names no model card; its thresholds apply nowhere", model)
         self.cards = cards
         self.db = StateDB(config.database_url or config.db_path, instance_id=self.owner,
                           pool_size=config.database_pool_size, timeout_s=config.database_timeout_s)

@@ -20,7 +20,7 @@ from typing import Any
 
 def add_shadow_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `shadow-report` to a `befund model` subparsers object; returns its parser."""
-    from service.cli import CONFIG_HELP, _Help
+    from service.cli import _Help
 
     p = subparsers.add_parser(
         "shadow-report", formatter_class=_Help,
@@ -30,7 +30,8 @@ def add_shadow_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--since", default="30d",
                    help="a span back from now (7d, 12h, 90m), a date (2026-12-01) or a date and "
                         "time (2026-12-01T08:00:00Z); at most 400 days back")
-    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--config", help="the node's YAML config, for its HTTP port and token (default: "
+                                     "befund.yaml in the working directory if present)")
     p.add_argument("--url", help="the node's HTTP address (default: http://127.0.0.1:<http_port>)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_shadow_report)
