@@ -109,7 +109,7 @@ class CompletionWatcher:
             return RunAnswer(uid, True, "completed now")
         latest = {(j.model_name, j.model_version): j for j in self.db.runs_of(uid)}
         for job in latest.values():
-            if job.state in JOB_ACTIVE:
+            if job.state in JOB_ACTIVE and not job.shadow:  # a shadow run waiting blocks nothing
                 return RunAnswer(uid, False, f"run {job.run} ({job.model_name} "
                                              f"{job.model_version}) is already {job.state}")
         lasts = [latest.get((c.name, c.version)) for c in route.cards]

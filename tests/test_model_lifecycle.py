@@ -204,3 +204,34 @@ def test_shadow_jobs_queue_behind_every_active_job(models):
     low = replace(active, postprocessing=replace(active.postprocessing, priority_when_positive="low"))
     shadow = replace(active, version="0.2.0", mode="shadow")
     assert job_priority(shadow) < job_priority(low) < job_priority(active)
+
+
+def test_a_shadow_job_runs_only_while_no_active_job_runs_or_waits(state_db_target):
+    """On a few cores a shadow run beside an active one slows the delivered result down."""
+    import time
+
+    from service.state_db import StateDB
+    from tests.test_completion_routing import instance
+
+    db = StateDB(state_db_target)
+    try:
+        def series(k):
+            uid = f"1.2.826.0.8.{k}.1"
+            db.record_instance(instance(series=uid, sop=f"{uid}.1", study_uid=f"1.2.826.0.8.{k}"))
+            return db.series(uid)
+
+        first, second = series(1), series(2)
+        db.create_job_if_new(first, "ich_ct", "0.2.0", -90, time.time(), mode="shadow")
+        active = db.create_job_if_new(first, "ich_ct", "0.1.0", 10, time.time())
+        assert db.lease_job("w1", 60).id == active
+        assert db.lease_job("w2", 60) is None  # the shadow job waits for the active one
+        assert db.next_job_at() is not None and db.next_job_at() > time.time() + 30  # no busy loop
+        db.finish_job(active, "done", {"present": False, "score": 0.1}, "", [])
+        shadow = db.lease_job("w1", 60)
+        assert shadow is not None and shadow.shadow
+        db.create_job_if_new(second, "ich_ct", "0.2.0", -90, time.time(), mode="shadow")
+        assert db.lease_job("w2", 60) is None  # one shadow job at a time
+        later = db.create_job_if_new(second, "ich_ct", "0.1.0", 10, time.time())
+        assert db.lease_job("w2", 60).id == later  # an active job never waits for a shadow one
+    finally:
+        db.close()

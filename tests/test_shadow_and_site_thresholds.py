@@ -11,7 +11,8 @@ gives the active version per-site thresholds (CT_NORTH 0.3, CT_SOUTH 0.7, the in
     normal  CT_SOUTH   phantom's       negative at 0.7        negative at 0.5 (its own entry)
     quiet   MODALITY   Klinikum Nord   negative at 0.4        positive at 0.0001: they disagree
 
-The PACS gets one SR per study, each the active version's, with the threshold it used; the API
+The PACS gets one SR per study, each the active version's, with the threshold it used (and
+the RIS one HL7 ORU^R01, the webhook one call, both the active version's); the API
 shows both jobs with their modes; the shadow report counts 3 studies, agreement 2/3, kappa 0.4
 and names the quiet study; the radiologist sees only the active verdicts, the ML engineer the
 shadow view. One node for the module.
@@ -33,9 +34,11 @@ import yaml
 
 from phantoms.ct_head import write_ct_series
 from pipelines.sr_reading import read_result_sr
-from tests.dicom_peers import StoreSCP, have_dcmtk, run_storescu
+from tests.dicom_peers import StoreSCP, free_port, have_dcmtk, run_storescu
 from tests.node_harness import BEFUND, PROJECT, RunningNode, poll
 from tests.pacs_results import ANY_OBJECT_ARGS, results_for_study
+from tests.test_hl7_notifier import MllpListener
+from tests.test_hl7_through_node import messages_for, webhook  # noqa: F401 - the webhook fixture
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
 
@@ -74,16 +77,21 @@ def add_user(node: RunningNode, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """(node, pacs, {label: study UID}) once every job of the three studies has finished."""
+def site(tmp_path_factory, webhook):  # noqa: F811 - the imported fixture
+    """(node, pacs, {label: study UID}) once every job of the three studies has finished; the
+    node also sends to an HL7 listener (`site_hl7`) and a webhook receiver."""
     work = tmp_path_factory.mktemp("lifecycle")
     models = work / "models"
     model_copy(models, "ich_ct")
     model_copy(models, "ich_ct_next", version="0.2.0", mode="shadow", supersedes="0.1.0",
                postprocessing={"threshold": 0.0001})
-    with StoreSCP(work / "pacs", ae="PACS", extra_args=ANY_OBJECT_ARGS) as pacs:
+    hl7_port = free_port()
+    with StoreSCP(work / "pacs", ae="PACS", extra_args=ANY_OBJECT_ARGS) as pacs, \
+            MllpListener(hl7_port) as ris:
         node = RunningNode(work / "node", pacs=f"PACS@127.0.0.1:{pacs.port}",
-                           models_dir=str(models), site_thresholds=SITE_THRESHOLDS)
+                           models_dir=str(models), site_thresholds=SITE_THRESHOLDS,
+                           hl7={"host": "127.0.0.1", "port": hl7_port}, webhooks=[webhook[0]])
+        node.ris, node.hooks = ris, webhook[1]
         node.workdir.mkdir(parents=True, exist_ok=True)
         node.config_path.write_text(yaml.safe_dump(node.config))
         for name in PASSWORDS:
@@ -124,6 +132,15 @@ def test_the_pacs_receives_only_the_active_versions_sr(site):
         assert read_result_sr(srs[0])["algorithm"]["version"] == "0.1.0"
         shadow = jobs_by_mode(node, uid)["shadow"]
         assert not [d for d in node.study(uid)["deliveries"] if d["job_id"] == shadow["id"]]
+
+
+def test_hl7_and_the_webhook_get_only_the_active_versions_result(site):
+    node, _, studies = site
+    for uid in studies.values():
+        [message] = messages_for(node.ris, uid)
+        assert any(str(s[5]) == "ich_ct" for s in message.segments("OBX"))
+        [hook] = [h for h in node.hooks if h["study_uid"] == uid]
+        assert (hook["model"], hook["model_version"]) == ("ich_ct", "0.1.0")
 
 
 def test_the_sr_records_the_threshold_of_each_sending_site(site):

@@ -412,17 +412,26 @@ class StateDB:
                 tx.notify("jobs")
             return cur.rowcount
 
+    # A shadow job (a model version run for comparison only) runs in the node's idle time: while
+    # an active job runs or is due, or another shadow job runs, it waits. On a few cores a shadow
+    # run beside an active one nearly doubled the active result's time (benchmarks/shadow_cost.py).
+    _SHADOW_MAY_RUN = """(mode<>'shadow' OR NOT EXISTS (
+        SELECT 1 FROM jobs o WHERE o.state='running' AND o.lease_until>=?
+                               OR (o.state='queued' AND o.mode<>'shadow' AND o.next_attempt_at<=?)))"""
+
     def lease_job(self, owner: str, lease_s: float) -> Job | None:
         """Take the next due job (highest priority first), or one whose lease expired; a job
-        another instance is taking at this moment is skipped, not waited for."""
+        another instance is taking at this moment is skipped, not waited for. A shadow job only
+        while nothing else runs and no active job is due (`_SHADOW_MAY_RUN`)."""
         now = time.time()
         with self.transaction() as tx:
             row = tx.execute(
                 f"""SELECT * FROM jobs
-                    WHERE (state='queued' AND next_attempt_at<=?)
-                       OR (state='running' AND lease_until<?)
+                    WHERE ((state='queued' AND next_attempt_at<=?)
+                           OR (state='running' AND lease_until<?))
+                      AND {self._SHADOW_MAY_RUN}
                     ORDER BY priority DESC, id LIMIT 1{self.backend.skip_locked}""",
-                (now, now)).fetchone()
+                (now, now, now, now)).fetchone()
             if row is None:
                 return None
             tx.execute(
@@ -433,10 +442,14 @@ class StateDB:
                                  "lease_until": now + lease_s, "attempts": row["attempts"] + 1})
 
     def next_job_at(self) -> float | None:
-        """When the next job falls due: a queued one's next attempt, or a lease's expiry."""
+        """When the next job falls due: a queued one's next attempt, or a lease's expiry. A
+        shadow job held back by `_SHADOW_MAY_RUN` is not due: the runner that finishes what
+        holds it back takes it next."""
+        now = time.time()
         row = self.query_one(
-            """SELECT MIN(CASE WHEN state='queued' THEN next_attempt_at ELSE lease_until END) AS t
-               FROM jobs WHERE state IN ('queued', 'running')""")
+            f"""SELECT MIN(CASE WHEN state='queued' THEN next_attempt_at ELSE lease_until END) AS t
+                FROM jobs WHERE state IN ('queued', 'running') AND {self._SHADOW_MAY_RUN}""",
+            (now, now))
         return row["t"] if row else None
 
     def renew_job_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
