@@ -218,6 +218,7 @@ def test_a_shadow_job_runs_only_while_no_active_job_runs_or_waits(state_db_targe
         def series(k):
             uid = f"1.2.826.0.8.{k}.1"
             db.record_instance(instance(series=uid, sop=f"{uid}.1", study_uid=f"1.2.826.0.8.{k}"))
+            db.mark_series(uid, "routed")  # complete: no more instances to wait for
             return db.series(uid)
 
         first, second = series(1), series(2)
@@ -233,5 +234,27 @@ def test_a_shadow_job_runs_only_while_no_active_job_runs_or_waits(state_db_targe
         assert db.lease_job("w2", 60) is None  # one shadow job at a time
         later = db.create_job_if_new(second, "ich_ct", "0.1.0", 10, time.time())
         assert db.lease_job("w2", 60).id == later  # an active job never waits for a shadow one
+    finally:
+        db.close()
+
+
+def test_a_shadow_job_waits_while_a_series_is_still_arriving(tmp_path):
+    import time
+
+    from service.state_db import StateDB
+    from tests.test_completion_routing import instance
+
+    db = StateDB(tmp_path / "state.sqlite")
+    try:
+        uid = "1.2.826.0.8.1.1"
+        db.record_instance(instance(series=uid, sop=f"{uid}.1", study_uid="1.2.826.0.8.1"))
+        series = db.series(uid)
+        db.mark_series(uid, "routed")
+        db.create_job_if_new(series, "ich_ct", "0.2.0", -90, time.time(), mode="shadow")
+        db.record_instance(instance(series="1.2.826.0.8.2.1", sop="1.2.826.0.8.2.1.1",
+                                    study_uid="1.2.826.0.8.2"))  # the next study is arriving
+        assert db.lease_job("w1", 60) is None
+        db.mark_series("1.2.826.0.8.2.1", "no_model")
+        assert db.lease_job("w1", 60).shadow
     finally:
         db.close()

@@ -413,16 +413,18 @@ class StateDB:
             return cur.rowcount
 
     # A shadow job (a model version run for comparison only) runs in the node's idle time: while
-    # an active job runs or is due, or another shadow job runs, it waits. On a few cores a shadow
-    # run beside an active one nearly doubled the active result's time (benchmarks/shadow_cost.py).
-    _SHADOW_MAY_RUN = """(mode<>'shadow' OR NOT EXISTS (
-        SELECT 1 FROM jobs o WHERE o.state='running' AND o.lease_until>=?
-                               OR (o.state='queued' AND o.mode<>'shadow' AND o.next_attempt_at<=?)))"""
+    # an active job runs or is due, another shadow job runs, or a series is still arriving (its
+    # active job comes next), it waits. On 2 cores a shadow run beside an active one made the
+    # active result up to 2x slower (benchmarks/shadow_cost.py).
+    _SHADOW_MAY_RUN = """(mode<>'shadow' OR NOT (
+        EXISTS (SELECT 1 FROM jobs o WHERE o.state='running' AND o.lease_until>=?
+                                      OR (o.state='queued' AND o.mode<>'shadow' AND o.next_attempt_at<=?))
+        OR EXISTS (SELECT 1 FROM series r WHERE r.state='receiving')))"""
 
     def lease_job(self, owner: str, lease_s: float) -> Job | None:
         """Take the next due job (highest priority first), or one whose lease expired; a job
         another instance is taking at this moment is skipped, not waited for. A shadow job only
-        while nothing else runs and no active job is due (`_SHADOW_MAY_RUN`)."""
+        while nothing else runs, no active job is due and no series arrives (`_SHADOW_MAY_RUN`)."""
         now = time.time()
         with self.transaction() as tx:
             row = tx.execute(
