@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class ModelService:
         keep_files_private()
         config = load_config()
         self.spool = Path(config.spool_path).resolve()
+        # test hook (refused unless BEFUND_TESTING=1): each analysis waits this long first, so a
+        # test can kill a replica in the middle of a call (tests/test_model_replicas.py)
+        self.analysis_delay_s = dict(config.fault_delays).get("analysis", 0.0)
         cards, errors = usable_cards(config.models_dir)
         for folder, error in errors.items():
             log.error("model %s not loaded: %s", folder, error)
@@ -121,6 +125,10 @@ class ModelService:
         if card is None:
             return AnalysisResult.not_analysed(f"model {model} is not loaded").to_dict()
         paths = self._check_paths(paths)
+        if self.analysis_delay_s:
+            log.info("analysis of %d instance(s) with %s waits %.1f s (fault_delays)", len(paths), model,
+                     self.analysis_delay_s)
+            time.sleep(self.analysis_delay_s)  # the test hook above
         infer = self.predictors[model]
         if card.task == "ct-slices":
             from pipelines.ct_triage import analyse_ct_series
