@@ -205,7 +205,7 @@ class Config:
         PostgreSQL and one with SQLite (its wake-ups are in-process; service/receiver_pool.py)."""
         if self.receive_workers:
             return self.receive_workers
-        return max(1, os.cpu_count() or 1) if self.database_url else 1
+        return len(os.sched_getaffinity(0)) if self.database_url else 1  # the cores we may use
 
     @property
     def db_path(self) -> Path:

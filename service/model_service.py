@@ -80,9 +80,11 @@ class ModelService:
         keep_files_private()
         config = load_config()
         self.spool = Path(config.spool_path).resolve()
-        # test hook (refused unless BEFUND_TESTING=1): each analysis waits this long first, so a
-        # test can kill a replica in the middle of a call (tests/test_model_replicas.py)
-        self.analysis_delay_s = dict(config.fault_delays).get("analysis", 0.0)
+        # test hook (refused unless BEFUND_TESTING=1), on a model host (role models) only: each
+        # analysis waits this long first, so a test can kill a replica in the middle of a call
+        # (tests/test_model_replicas.py)
+        delays = dict(config.fault_delays) if config.role == "models" else {}
+        self.analysis_delay_s = delays.get("analysis", 0.0)
         cards, errors = usable_cards(config.models_dir)
         for folder, error in errors.items():
             log.error("model %s not loaded: %s", folder, error)
