@@ -35,6 +35,7 @@ from starlette.routing import Route
 from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard, usable_cards
 from service.config import load_config
+from service.logging_setup import configure_logging
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.parent_death import die_with_parent, exit_with
 from service.private_files import keep_files_private
@@ -78,6 +79,7 @@ class ModelService:
     def __init__(self) -> None:
         die_with_parent()
         keep_files_private()
+        configure_logging()  # a model host (role models) has no gateway that would do it
         config = load_config()
         self.spool = Path(config.spool_path).resolve()
         # test hook (refused unless BEFUND_TESTING=1), on a model host (role models) only: each
