@@ -23,6 +23,13 @@ P-DATA-TF longer than the `max_pdu` befund announced, an association PDU longer 
 its 4 bytes, or an unknown type is answered with an A-ABORT and the connection is closed; no
 buffer is ever sized by a length the peer declared before this check.
 
+With `receive_workers` > 1 the node runs several receiver processes on one port
+(service/receiver_process.py) and each has its own gate: the A-ASSOCIATE-RQ deadline, the PDU
+checks and the backlog hold per connection as before; `max_connections_per_address` and
+`max_associations` are counted per process, so across N processes one address holds at most
+N x `max_connections_per_address` of N x `max_associations` slots: the same share, never all
+of them (the kernel spreads one address's connections over the processes by their ports).
+
 Every refusal is counted (service/metrics.py) and logged with the peer address, at most one
 line per address and kind every `peer_log_interval_s`; the next line says how many were left out.
 """

@@ -90,6 +90,11 @@ def test_parallel_associations_reach_both_processes_and_each_instance_is_indexed
     owners = {r["instance_id"] for r in db_rows(node.db_url, "SELECT DISTINCT instance_id FROM associations")}
     # 8 connections spread by the kernel's hash over 2 processes: all on one has odds 1 in 128
     assert owners == {"rx", "rx-r1"}, owners
+    # /metrics sums the counters of every receiver process
+    status, text = node.api("/metrics")
+    received = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("befund_instances_received_total{"))
+    assert received == 8 * SLICES, text[:2000]
 
 
 def test_a_killed_receiver_is_started_again(node):
