@@ -8,6 +8,7 @@ worker sends the series to the other replica: the study is still delivered, one 
 
 from __future__ import annotations
 
+import threading
 import urllib.error
 import urllib.request
 
@@ -43,6 +44,27 @@ class WorkerNode(RunningNode):
     _answers = ModelHost._answers
 
 
+def start_together(*nodes: RunningNode) -> None:
+    """Start the nodes at once (each waits for its own readiness); raise the first failure."""
+    errors: list[BaseException] = []
+
+    def start(node: RunningNode) -> None:
+        try:
+            node.start(timeout=180)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for node in nodes:
+            node.stop()
+        raise errors[0]
+
+
 @pytest.fixture
 def pacs(tmp_path):
     with StoreSCP(tmp_path / "pacs", ae="PACS", extra_args=PACS_ARGS) as scp:
@@ -55,12 +77,12 @@ def test_a_model_replica_killed_mid_study_does_not_fail_the_study(tmp_path, pg_s
     a = ModelHost(tmp_path / "models-a", role="models", fault_delays={"analysis": DELAY_S},
                   env={"BEFUND_TESTING": "1"}, **shared)
     b = ModelHost(tmp_path / "models-b", role="models", **shared)
+    receiver = RunningNode(tmp_path / "receiver", role="receiver", database_url=url,
+                           instance_id="receiver", **shared)
+    worker = WorkerNode(tmp_path / "worker", role="worker", database_url=url, instance_id="worker",
+                        pacs=f"{pacs.ae}@127.0.0.1:{pacs.port}", model_services=[a.url, b.url], **shared)
+    start_together(a, b, receiver, worker)
     with a, b:
-        receiver = RunningNode(tmp_path / "receiver", role="receiver", database_url=url,
-                               instance_id="receiver", **shared)
-        worker = WorkerNode(tmp_path / "worker", role="worker", database_url=url, instance_id="worker",
-                            pacs=f"{pacs.ae}@127.0.0.1:{pacs.port}",
-                            model_services=[a.url, b.url], **shared)
         with receiver, worker:
             checks = {c["name"] for c in receiver.api("/status")[1]["checks"]}
             assert checks == {"dicom", "spool", "state_db"}
