@@ -1,6 +1,9 @@
 """The gateway service (BentoML, one worker): DICOM listener, state, jobs, outbox, HTTP API.
 
-One worker only: several workers of a service that opens port 11112 fight over the port.
+One worker only: several workers of a service that opens port 11112 fight over the port
+(more DICOM receivers are processes of their own, sharing the port with SO_REUSEPORT:
+service/receiver_pool.py). With `role` receiver or worker, or `model_services` set, the model
+service is not started beside it (README "Scale").
 It does I/O, not pixels; pixels go to the model service, called through `bentoml.depends`.
 """
 
