@@ -7,6 +7,7 @@
     befund status [--config befund.yaml]   (exit 0 ready, 1 not ready, 2 no answer)
     befund user add NAME --role radiologist|admin|ml [--password-stdin]
     befund user list | befund user disable NAME
+    befund model check|bench|evaluate DIR ...   (befund model --help)
 """
 
 from __future__ import annotations
@@ -313,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--replace", action="store_true", help="set a new role and password for an existing user")
     us.add_argument("--config", help=config_help)
     us.set_defaults(func=cmd_user)
+
+    from service.model_tools.commands import add_model_parser
+
+    # `befund model shadow-report` joins through `extra` (its parser lives with the shadow report)
+    add_model_parser(sub, _Help, extra=[])
     return p
 
 
