@@ -131,6 +131,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         paths = write_wsi_slide(out, width=args.width, height=args.height, tumor=args.tumor,
                                 seed=args.seed, tiling=args.tiling, codec=args.codec,
                                 label=args.label, overview=args.overview)
+    from phantoms.ground_truth import write_truth
+
+    if args.kind == "ct":  # the truth beside the files: `befund model evaluate` reads it
+        write_truth(out, "ct", finding=args.finding, slices=args.slices, seed=args.seed)
+    else:
+        write_truth(out, "wsi", tumor=args.tumor, seed=args.seed, width=args.width, height=args.height)
     print(f"wrote {len(paths)} instance(s) to {out}")
     return 0
 

@@ -128,6 +128,7 @@ def add_model_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
                    "subgroup columns (default: phantom ground truth)")
     e.add_argument("--compare", metavar="OTHER_DIR",
                    help="a second model folder run on the same studies: agreement, kappa, flips")
+    e.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="the node's inference provider")
     e.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all results")
     e.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
     e.add_argument("--out", help=out_help)

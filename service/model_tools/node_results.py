@@ -1,0 +1,126 @@
+"""Studies through the real path: a node with one model, C-STORE in, the result SR read back
+from the storescp PACS it delivers to (pipelines/sr_reading.py reads it).
+
+Every study is sent first (one association each), then the results are collected as they
+arrive, so the node works while the next study is being sent, as it would in a hospital.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pipelines.model_card import ModelCard
+from pipelines.sr_reading import read_result_sr
+from service.config import Destination
+from service.dicom_sender import send_files
+from service.model_tools.local_peers import NodeProcess, StoreScp, only_model, poll
+from service.model_tools.study_set import Study
+
+FINAL_STATES = {"delivered", "not analysed", "delivery failed"}
+SR_GRACE_S = 15.0  # a finished study's SR may trail its state by a delivery attempt or two
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One study's result as the PACS received it."""
+
+    study_uid: str
+    analysed: bool
+    present: bool | None = None
+    probability: float | None = None  # P(finding present): the SR's certainty of its verdict, turned
+    reason: str = ""
+    sr_uid: str = ""
+    seconds: float | None = None  # association end -> result at the PACS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _outcome(study_uid: str, sr: pydicom.Dataset, seconds: float | None) -> Outcome:
+    result = read_result_sr(sr)
+    if not result["analysed"]:
+        return Outcome(study_uid, False, reason=result["not_analysed_reason"] or "not analysed",
+                       sr_uid=result["sop_instance_uid"], seconds=seconds)
+    certainty = result["certainty"]
+    present = bool(result["present"])
+    probability = None if certainty is None else (certainty if present else 1.0 - certainty)
+    return Outcome(study_uid, True, present, probability, sr_uid=result["sop_instance_uid"], seconds=seconds)
+
+
+class PacsFolder:
+    """The SRs storescp wrote, by study UID; each file is read once, when complete."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.seen: set[str] = set()
+        self.by_study: dict[str, pydicom.Dataset] = {}
+
+    def refresh(self) -> None:
+        for path in sorted(self.folder.iterdir()):
+            if path.name in self.seen or not path.name.startswith("SR"):
+                continue
+            try:
+                ds = pydicom.dcmread(path)
+            except (InvalidDicomError, EOFError, OSError, ValueError):
+                continue  # storescp is still writing it
+            self.seen.add(path.name)
+            self.by_study[str(ds.StudyInstanceUID)] = ds
+
+
+def run_studies(card: ModelCard, studies: list[Study], provider: str, timeout: float,
+                progress: Any = None) -> tuple[dict[str, Outcome], dict[str, Any]]:
+    """Each study's outcome through a node running `card` alone, and how the run went."""
+    with tempfile.TemporaryDirectory(prefix="befund-evaluate-") as tmp:
+        work = Path(tmp)
+        started = time.monotonic()
+        with StoreScp(work / "pacs") as pacs, \
+                NodeProcess(work / "node", only_model(card.folder, work / "models"), pacs.address,
+                            provider=provider) as node:
+            ready_s = time.monotonic() - started
+            dest = Destination.parse(f"BEFUND@127.0.0.1:{node.dicom_port}")
+            sent_at: dict[str, float] = {}
+            outcomes: dict[str, Outcome] = {}
+            for study in studies:
+                _, failed = send_files(study.files, dest, calling_ae="BEFUNDEVAL", progress=False)
+                if failed:
+                    outcomes[study.uid] = Outcome(study.uid, False, reason=f"refused by the node at C-STORE: "
+                                                  f"{len(failed)} instance(s), e.g. {failed[0][1]}")
+                else:
+                    sent_at[study.uid] = time.time()
+            pacs_folder = PacsFolder(pacs.directory)
+            final_seen: dict[str, float] = {}
+
+            def collect() -> bool:
+                pacs_folder.refresh()
+                for uid in [u for u in sent_at if u not in outcomes]:
+                    sr = pacs_folder.by_study.get(uid)
+                    if sr is not None:
+                        outcomes[uid] = _outcome(uid, sr, round(time.time() - sent_at[uid], 3))
+                    else:
+                        row = node.study(uid)
+                        if not row or row["state"] not in FINAL_STATES - {"delivered"}:
+                            continue
+                        # finished without a result at the PACS yet: its not-analysed SR may
+                        # still be on its way; after the grace time the node's reason stands
+                        first = final_seen.setdefault(uid, time.monotonic())
+                        if time.monotonic() - first < SR_GRACE_S:
+                            continue
+                        outcomes[uid] = Outcome(uid, False, reason=f"{row['state']}: {row['reason']}")
+                    if progress is not None:
+                        progress.update(1)
+                return len(outcomes) == len(studies)
+
+            try:
+                poll(collect, timeout, f"results for {len(studies)} studies", 0.25)
+            except TimeoutError:
+                for uid in sent_at:
+                    outcomes.setdefault(uid, Outcome(uid, False, reason=f"no result within {timeout:.0f} s"))
+    return outcomes, {"node_ready_s": round(ready_s, 1), "model": card.key,
+                      "seconds": round(time.monotonic() - started, 1)}
