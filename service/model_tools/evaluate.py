@@ -19,7 +19,7 @@ import numpy as np
 from pipelines.model_card import CardError, ModelCard, load_card
 from service.model_tools import diagnostic_stats as st
 from service.model_tools.bench import PROVIDERS, provider_problem
-from service.model_tools.node_results import Outcome, run_studies
+from service.model_tools.node_results import Outcome, run_models
 from service.model_tools.provenance import provenance, report_folder, write_json
 from service.model_tools.study_set import (
     Study,
@@ -115,12 +115,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     models = [(card.key, card)]
     if other is not None:
         models.append((other.key if other.key != card.key else f"{other.key} ({args.compare})", other))
-    runs: dict[str, tuple[ModelCard, dict[str, Outcome], dict[str, Any]]] = {}
     with tqdm(total=len(studies) * len(models), unit="study", desc="results") as bar:
-        for key, model in models:
-            bar.set_postfix_str(f"{key}: node")
-            outcomes, how = run_studies(model, studies, args.provider, args.timeout, bar)
-            runs[key] = (model, outcomes, how)
+        results = run_models(models, studies, args.provider, args.timeout, bar)
+    runs = {key: (model, *results[key]) for key, model in models}
     (key_a, (_, out_a, how_a)), *rest = runs.items()
     used = [PROVIDERS[args.provider]]
     report: dict[str, Any] = {

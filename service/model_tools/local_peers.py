@@ -2,8 +2,8 @@
 alone, and a whole node, each with a folder that holds only the model under test.
 
 The PACS is DCMTK's storescp (what the tests use): it writes every object it accepts into a
-folder, where the SR is read back. The node is `befund serve` as an operator starts it
-(service/demo.py's BefundProcess), with a generated config and token.
+folder, where the SR is read back. The node is `befund serve` as an operator starts it,
+with a generated config and token.
 """
 
 from __future__ import annotations
@@ -108,18 +108,26 @@ class StoreScp:
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
     """SIGTERM to BentoML's arbiter (it stops its workers), then kill what is left."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
+    stop_groups([proc], grace_s)
+
+
+def stop_groups(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """`_stop_group` for several servers at once: all are asked first, then each is waited for."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
         try:
-            proc.wait(timeout=grace_s)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            proc.wait(timeout=30)
 
 
 class ModelServiceProcess:
@@ -174,12 +182,14 @@ class ModelServiceProcess:
 
 
 class NodeProcess:
-    """`befund serve` with its own var dir, ports, token and the given models folder."""
+    """`befund serve` with its own var dir, ports, token and the given models folder.
+
+    `launch()` returns at once and `wait_ready()` waits, so that several nodes (one per model
+    compared) start side by side; `with NodeProcess(...)` does both.
+    """
 
     def __init__(self, workdir: Path, models_dir: Path, pacs: str, provider: str = "cpu",
                  settle_s: float = 1.0):
-        from service.demo import BefundProcess
-
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_urlsafe(32)
@@ -190,18 +200,43 @@ class NodeProcess:
             "settle_s": settle_s, "inference_provider": provider,
             "delivery": {"initial_backoff_s": 0.5, "max_backoff_s": 2.0},
         }
-        self.process = BefundProcess(self.workdir, self.config)
+        self.url = f"http://127.0.0.1:{self.config['http_port']}"
+        self.log_path = self.workdir / "befund.log"
+        self.proc: subprocess.Popen | None = None
+
+    def launch(self) -> NodeProcess:
+        import yaml
+
+        config_path = self.workdir / "befund.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "befund"), "serve", "--config", str(config_path),
+                 "--host", "127.0.0.1"],
+                cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=killed_with_this_process())  # noqa: PLW1509 - ends with this command
+        return self
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"befund serve exited with {self.proc.returncode}; see {self.log_path}")
+            return _http_ok(f"{self.url}/readyz")
+
+        poll(ready, timeout, f"the node ({self.log_path})", 0.25)
 
     def __enter__(self) -> NodeProcess:
         try:
-            self.process.start(timeout=240)
+            self.launch().wait_ready()
         except BaseException:
-            self.process.stop()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.process.stop()
+        if self.proc is not None:
+            _stop_group(self.proc)
 
     @property
     def dicom_port(self) -> int:
@@ -212,7 +247,7 @@ class NodeProcess:
         return Path(self.config["var_dir"]) / "state.sqlite"
 
     def api(self, path: str) -> Any:
-        request = urllib.request.Request(f"{self.process.url}{path}", headers={  # noqa: S310
+        request = urllib.request.Request(f"{self.url}{path}", headers={  # noqa: S310
             "Authorization": f"Bearer {self.token}", "Accept": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310 - our own loopback URL

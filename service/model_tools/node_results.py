@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from pipelines.model_card import ModelCard
 from pipelines.sr_reading import read_result_sr
 from service.config import Destination
 from service.dicom_sender import send_files
-from service.model_tools.local_peers import NodeProcess, StoreScp, only_model, poll
+from service.model_tools.local_peers import NodeProcess, StoreScp, only_model, poll, stop_groups
 from service.model_tools.study_set import Study
 
 FINAL_STATES = {"delivered", "not analysed", "delivery failed"}
@@ -74,53 +75,79 @@ class PacsFolder:
             self.by_study[str(ds.StudyInstanceUID)] = ds
 
 
-def run_studies(card: ModelCard, studies: list[Study], provider: str, timeout: float,
-                progress: Any = None) -> tuple[dict[str, Outcome], dict[str, Any]]:
-    """Each study's outcome through a node running `card` alone, and how the run went."""
-    with tempfile.TemporaryDirectory(prefix="befund-evaluate-") as tmp:
+def run_models(models: list[tuple[str, ModelCard]], studies: list[Study], provider: str, timeout: float,
+               progress: Any = None) -> dict[str, tuple[dict[str, Outcome], dict[str, Any]]]:
+    """Each model's outcome for every study, each model alone in its own node (two versions of
+    one model may not run side by side in one node); the nodes start and work at the same time.
+    Returns {key: (outcomes by study UID, how the run went)}."""
+    with tempfile.TemporaryDirectory(prefix="befund-evaluate-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         started = time.monotonic()
-        with StoreScp(work / "pacs") as pacs, \
-                NodeProcess(work / "node", only_model(card.folder, work / "models"), pacs.address,
-                            provider=provider) as node:
-            ready_s = time.monotonic() - started
-            dest = Destination.parse(f"BEFUND@127.0.0.1:{node.dicom_port}")
-            sent_at: dict[str, float] = {}
-            outcomes: dict[str, Outcome] = {}
-            for study in studies:
-                _, failed = send_files(study.files, dest, calling_ae="BEFUNDEVAL", progress=False)
-                if failed:
-                    outcomes[study.uid] = Outcome(study.uid, False, reason=f"refused by the node at C-STORE: "
-                                                  f"{len(failed)} instance(s), e.g. {failed[0][1]}")
-                else:
-                    sent_at[study.uid] = time.time()
-            pacs_folder = PacsFolder(pacs.directory)
-            final_seen: dict[str, float] = {}
+        runs: list[_Run] = []
+        stack.callback(lambda: stop_groups([run.node.proc for run in runs if run.node.proc is not None]))
+        for n, (key, card) in enumerate(models):
+            pacs = stack.enter_context(StoreScp(work / f"pacs{n}"))
+            node = NodeProcess(work / f"node{n}", only_model(card.folder, work / f"models{n}"), pacs.address,
+                               provider=provider)
+            runs.append(_Run(key, node.launch(), PacsFolder(pacs.directory)))
+        for run in runs:
+            run.node.wait_ready()
+            run.how["node_ready_s"] = round(time.monotonic() - started, 1)
+        for run in runs:
+            run.send(studies)
+        try:
+            poll(lambda: all([run.collect(progress) for run in runs]), timeout,
+                 f"results for {len(studies)} studies", 0.25)
+        except TimeoutError:
+            for run in runs:
+                for uid in run.sent_at:
+                    run.outcomes.setdefault(uid, Outcome(uid, False,
+                                                         reason=f"no result within {timeout:.0f} s"))
+        for run in runs:
+            run.how["seconds"] = round(time.monotonic() - started, 1)
+    return {run.key: (run.outcomes, run.how) for run in runs}
 
-            def collect() -> bool:
-                pacs_folder.refresh()
-                for uid in [u for u in sent_at if u not in outcomes]:
-                    sr = pacs_folder.by_study.get(uid)
-                    if sr is not None:
-                        outcomes[uid] = _outcome(uid, sr, round(time.time() - sent_at[uid], 3))
-                    else:
-                        row = node.study(uid)
-                        if not row or row["state"] not in FINAL_STATES - {"delivered"}:
-                            continue
-                        # finished without a result at the PACS yet: its not-analysed SR may
-                        # still be on its way; after the grace time the node's reason stands
-                        first = final_seen.setdefault(uid, time.monotonic())
-                        if time.monotonic() - first < SR_GRACE_S:
-                            continue
-                        outcomes[uid] = Outcome(uid, False, reason=f"{row['state']}: {row['reason']}")
-                    if progress is not None:
-                        progress.update(1)
-                return len(outcomes) == len(studies)
 
-            try:
-                poll(collect, timeout, f"results for {len(studies)} studies", 0.25)
-            except TimeoutError:
-                for uid in sent_at:
-                    outcomes.setdefault(uid, Outcome(uid, False, reason=f"no result within {timeout:.0f} s"))
-    return outcomes, {"node_ready_s": round(ready_s, 1), "model": card.key,
-                      "seconds": round(time.monotonic() - started, 1)}
+class _Run:
+    """One model's node, what was sent to it and what came back."""
+
+    def __init__(self, key: str, node: NodeProcess, pacs: PacsFolder):
+        self.key, self.node, self.pacs = key, node, pacs
+        self.sent_at: dict[str, float] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        self.final_seen: dict[str, float] = {}
+        self.how: dict[str, Any] = {"model": key}
+        self.expected = 0
+
+    def send(self, studies: list[Study]) -> None:
+        dest = Destination.parse(f"BEFUND@127.0.0.1:{self.node.dicom_port}")
+        self.expected = len(studies)
+        for study in studies:
+            _, failed = send_files(study.files, dest, calling_ae="BEFUNDEVAL", progress=False)
+            if failed:
+                self.outcomes[study.uid] = Outcome(
+                    study.uid, False,
+                    reason=f"refused by the node at C-STORE: {len(failed)} instance(s), e.g. {failed[0][1]}")
+            else:
+                self.sent_at[study.uid] = time.time()
+
+    def collect(self, progress: Any) -> bool:
+        """Read what arrived; True when every study has its outcome."""
+        self.pacs.refresh()
+        for uid in [u for u in self.sent_at if u not in self.outcomes]:
+            sr = self.pacs.by_study.get(uid)
+            if sr is not None:
+                self.outcomes[uid] = _outcome(uid, sr, round(time.time() - self.sent_at[uid], 3))
+            else:
+                row = self.node.study(uid)
+                if not row or row["state"] not in FINAL_STATES - {"delivered"}:
+                    continue
+                # finished without a result at the PACS yet: its not-analysed SR may still be
+                # on its way; after the grace time the node's reason stands
+                first = self.final_seen.setdefault(uid, time.monotonic())
+                if time.monotonic() - first < SR_GRACE_S:
+                    continue
+                self.outcomes[uid] = Outcome(uid, False, reason=f"{row['state']}: {row['reason']}")
+            if progress is not None:
+                progress.update(1)
+        return len(self.outcomes) >= self.expected
