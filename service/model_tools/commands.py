@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,23 +66,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return run_evaluate(args)
 
 
+def _wrap(text: str) -> str:
+    """Descriptions print as written (the CLI's formatter keeps layout): fill them here."""
+    return textwrap.fill(" ".join(text.split()), 90)
+
+
 def add_model_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter],
                      extra: list[Callable[[argparse._SubParsersAction], None]] = ()) -> None:
     """`befund model ...` on the CLI's subparsers; `extra` adds more model commands."""
     m = sub.add_parser("model", help="check, benchmark and evaluate a model folder (card.yaml + ONNX)",
                        formatter_class=formatter,
-                       description="Tools for a model folder (card.yaml + ONNX file). Each writes JSON and "
-                       "PNG into a report folder (--out) with the provenance of every figure: CPU, cores, "
-                       "GPU, onnxruntime version and provider, the model's sha256, befund's version.")
+                       description=_wrap(
+                           "Tools for a model folder (card.yaml + ONNX file). Each writes JSON and PNG into "
+                           "a report folder (--out) with the provenance of every figure: CPU, cores, GPU, "
+                           "onnxruntime version and provider, the model's sha256, befund's version."))
     cmds = m.add_subparsers(dest="model_command", required=True)
     out_help = "report folder (default: model-reports/<command>-<model>-<UTC time>/)"
 
     c = cmds.add_parser("check", formatter_class=formatter,
                         help="card and ONNX agree, keys known, sha256, smoke inference per provider",
-                        description="Checks that card.yaml and the ONNX file agree (input and output "
+                        description=_wrap("Checks that card.yaml and the ONNX file agree (input and output "
                         "names, shapes, dtypes, opset), that every key of the card is known, that the "
                         "sha256 is right, and runs synthetic batches under every onnxruntime provider "
-                        "present. One line per check; exit 1 when any fails.")
+                        "present. One line per check; exit 1 when any fails."))
     c.add_argument("folder", help="the model folder (card.yaml and its ONNX file)")
     c.add_argument("--fix-sha256", action="store_true",
                    help="first rewrite the card's sha256 to the ONNX file's")
@@ -91,11 +98,11 @@ def add_model_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
     b = cmds.add_parser("bench", formatter_class=formatter,
                         help="throughput and latency: raw onnxruntime vs the model service, and "
                              "end-to-end time to result through a node",
-                        description="Model-only throughput and p50/p95/p99 latency per batch size and "
+                        description=_wrap("Model-only throughput and p50/p95/p99 latency per batch size and "
                         "number of concurrent callers, raw onnxruntime and befund's model service side "
                         "by side (ratio), the FLOP rate against this machine's measured sgemm rate, and "
                         "the time from series complete to result at a PACS through a running node, for a "
-                        "generated study of the model's task.")
+                        "generated study of the model's task."))
     b.add_argument("folder", help="the model folder")
     b.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime provider")
     b.add_argument("--batches", type=_ints, default=[1, 8, 32, 64], help="batch sizes (default: 1,8,32,64)")
@@ -116,18 +123,20 @@ def add_model_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
     e = cmds.add_parser("evaluate", formatter_class=formatter,
                         help="send labelled studies through a node and measure sensitivity, "
                              "specificity, AUC, calibration, subgroups; --compare another model",
-                        description="Starts a node with the model (and a DCMTK storescp as its PACS), "
+                        description=_wrap("Starts a node with the model (and a DCMTK storescp as its PACS), "
                         "C-STOREs every labelled study under --data, reads each result SR back and "
-                        "reports sensitivity, specificity, PPV, NPV (Wilson 95 %% intervals), ROC AUC "
+                        "reports sensitivity, specificity, PPV, NPV (Wilson 95 % intervals), ROC AUC "
                         "(bootstrap interval), the confusion matrix, calibration (reliability diagram, "
                         "ECE) and per-subgroup figures. Labels come from --labels, else from the "
-                        "ground truth of phantom folders written by `befund phantom`.")
+                        "ground truth of phantom folders written by `befund phantom`."))
     e.add_argument("folder", help="the model folder")
-    e.add_argument("--data", required=True, help="folder of studies (DICOM files, any depth; required)")
+    e.add_argument("--data", required=True,
+                   help="folder of studies (DICOM files, any depth; required, no default)")
     e.add_argument("--labels", help="CSV with columns study_uid, label (1/0, present/absent) and any "
                    "subgroup columns (default: phantom ground truth)")
     e.add_argument("--compare", metavar="OTHER_DIR",
-                   help="a second model folder run on the same studies: agreement, kappa, flips")
+                   help="a second model folder run on the same studies: agreement, kappa, flips "
+                        "(default: none)")
     e.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="the node's inference provider")
     e.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all results")
     e.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
