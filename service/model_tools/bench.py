@@ -25,28 +25,8 @@ import numpy as np
 
 from pipelines.model_card import CardError, ModelCard, load_card
 from service.model_tools.provenance import provenance, report_folder, usable_cores, write_json
+from service.model_tools.providers import PROVIDERS, provider_problem
 from service.model_tools.throughput import Timing, measure_async, measure_threads, sgemm_gflops
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def provider_problem(provider: str) -> str:
-    """Why `provider` cannot run here ('' when it can): named, with what to install."""
-    import onnxruntime as ort
-
-    from service.model_tools.provenance import gpus
-
-    wanted = PROVIDERS[provider]
-    if wanted in ort.get_available_providers():
-        return ""
-    found = gpus()
-    if found:
-        return (f"--provider {provider}: a GPU is present ({found[0]}), but onnxruntime "
-                f"{ort.__version__} has no {wanted} (it has {', '.join(ort.get_available_providers())}); "
-                "install onnxruntime-gpu in place of onnxruntime")
-    return (f"--provider {provider}: no GPU here (nvidia-smi finds none) and onnxruntime "
-            f"{ort.__version__} has no {wanted}; run with --provider cpu, or on a machine with an NVIDIA "
-            "GPU, its driver and onnxruntime-gpu")
 
 
 def run_bench(args: argparse.Namespace) -> int:

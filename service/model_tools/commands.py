@@ -11,7 +11,6 @@ subparsers through `add_model_parser(..., extra=[add_x_parser, ...])`.
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -145,9 +144,3 @@ def add_model_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
 
     for add in extra:
         add(cmds)
-
-
-def main(argv: list[str] | None = None) -> int:  # for `python -m service.model_tools.commands`
-    from service.cli import main as cli_main
-
-    return cli_main(["model", *(argv if argv is not None else sys.argv[1:])])

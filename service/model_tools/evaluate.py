@@ -18,9 +18,9 @@ import numpy as np
 
 from pipelines.model_card import CardError, ModelCard, load_card
 from service.model_tools import diagnostic_stats as st
-from service.model_tools.bench import PROVIDERS, provider_problem
 from service.model_tools.node_results import Outcome, run_models
 from service.model_tools.provenance import provenance, report_folder, write_json
+from service.model_tools.providers import PROVIDERS, provider_problem
 from service.model_tools.study_set import (
     Study,
     apply_labels,
