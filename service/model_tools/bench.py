@@ -94,7 +94,7 @@ def _model_only(card: ModelCard, args: argparse.Namespace, threads: int,
                     bar.set_postfix_str(f"batch {batch}, {concurrency} in flight")
                     # the machine's sgemm rate just before the raw cell: on a shared machine the
                     # rate the model reaches is compared with what the cores gave at that moment
-                    sgemm_now = sgemm_gflops(n=1024, repeat=3)["gflops"]
+                    sgemm_now = sgemm_gflops(n=1536, repeat=2)["gflops"]
                     timing = measure_threads(raw, x, concurrency, args.seconds)
                     row: dict[str, Any] = {"batch": batch, "concurrency": concurrency,
                                            "raw": timing.to_dict(), "sgemm_gflops": sgemm_now}
