@@ -114,7 +114,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     models = [(card.key, card)]
     if other is not None:
-        models.append((other.key if other.key != card.key else f"{other.key} ({args.compare})", other))
+        same = other.key == card.key  # a copy: named by its folder
+        models.append((f"{other.key} ({Path(args.compare).name})" if same else other.key, other))
     with tqdm(total=len(studies) * len(models), unit="study", desc="results") as bar:
         results = run_models(models, studies, args.provider, args.timeout, bar)
     runs = {key: (model, *results[key]) for key, model in models}
