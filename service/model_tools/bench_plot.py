@@ -36,8 +36,8 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     prov = report["provenance"]
     a = report["arithmetic"]
-    flops = (f"; best {a['model_gflops']} GFLOP/s, median {a['fraction_of_sgemm']:.0%} of sgemm"
-             if a.get("flops_per_item") else "")
+    flops = (f"; best {a['model_gflops']} GFLOP/s = {a['fraction_of_sgemm']:.2f} of sgemm "
+             f"{a['sgemm_best_gflops']}" if a.get("flops_per_item") else "")
     axes[0].set_title(f"{report['model']} on {report['provider']}, {report['threads']} threads{flops}",
                       fontsize=8)
     axes[0].set_ylabel("items / s (service/raw ratio beside)")
