@@ -207,3 +207,15 @@ def test_diagnostic_figures_match_known_values():
     assert st.cohen_kappa(np.array([1, 1, 0, 0], bool), np.array([1, 0, 0, 0], bool)) == 0.5
     cal = st.calibration(np.array([1, 0, 1, 0], bool), np.array([0.9, 0.1, 0.6, 0.6]), bins=10)
     assert cal["ece"] == pytest.approx((0.1 + 0.1 + 2 * 0.1) / 4)
+
+
+def test_every_model_command_option_shows_its_default_in_help():
+    from service.cli import build_parser
+
+    model = build_parser()._subparsers._group_actions[0].choices["model"]  # noqa: SLF001
+    for name, sub in model._subparsers._group_actions[0].choices.items():  # noqa: SLF001
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:  # noqa: SLF001
+            if action.option_strings and action.dest != "help":
+                shown = text[text.index(action.option_strings[-1], text.index("options:")):]
+                assert "default" in shown.split(" --")[0], f"befund model {name} {action.option_strings[-1]}"
