@@ -18,14 +18,34 @@ from pathlib import Path
 from service.model_tools.provenance import report_folder, write_json
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from exc
-    if not values or any(v < 1 or v > 4096 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers from 1 to 4096")
-    return values
+def _ints(limit: int):  # noqa: ANN202 - an argparse type
+    """A comma-separated list of whole numbers from 1 to `limit`."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from exc
+        if not values or len(values) > 16 or any(v < 1 or v > limit for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: give 1 to 16 whole numbers from 1 to {limit}")
+        return values
+
+    return parse
+
+
+def _number(kind: type, lo: float, hi: float):  # noqa: ANN202 - an argparse type
+    """A number from `lo` to `hi`: every size and time that starts work is bounded."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from exc
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text}: give a value from {lo:g} to {hi:g}")
+        return value
+
+    return parse
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -104,16 +124,17 @@ def add_model_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
                         "generated study of the model's task."))
     b.add_argument("folder", help="the model folder")
     b.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime provider")
-    b.add_argument("--batches", type=_ints, default=[1, 8, 32, 64], help="batch sizes (default: 1,8,32,64)")
-    b.add_argument("--concurrency", type=_ints, default=[1, 2, 4],
+    b.add_argument("--batches", type=_ints(4096), default=[1, 8, 32, 64],
+                   help="batch sizes (default: 1,8,32,64)")
+    b.add_argument("--concurrency", type=_ints(64), default=[1, 2, 4],
                    help="callers in flight at once (default: 1,2,4)")
-    b.add_argument("--seconds", type=float, default=3.0,
+    b.add_argument("--seconds", type=_number(float, 0.05, 600), default=3.0,
                    help="measuring time per batch size, concurrency and side")
-    b.add_argument("--threads", type=int, default=0,
+    b.add_argument("--threads", type=_number(int, 0, 1024), default=0,
                    help="onnxruntime intra-op threads, the same for both sides (0: all usable cores)")
-    b.add_argument("--e2e-slices", type=int, default=64,
+    b.add_argument("--e2e-slices", type=_number(int, 16, 2000), default=64,
                    help="slices of the generated CT study (ct-slices models)")
-    b.add_argument("--e2e-runs", type=int, default=2, help="studies sent through the node")
+    b.add_argument("--e2e-runs", type=_number(int, 1, 100), default=2, help="studies sent through the node")
     b.add_argument("--skip-service", action="store_true", help="leave out the model service side")
     b.add_argument("--skip-e2e", action="store_true", help="leave out the end-to-end run through a node")
     b.add_argument("--out", help=out_help)
@@ -137,8 +158,10 @@ def add_model_parser(sub: argparse._SubParsersAction, formatter: type[argparse.H
                    help="a second model folder run on the same studies: agreement, kappa, flips "
                         "(default: none)")
     e.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="the node's inference provider")
-    e.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all results")
-    e.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
+    e.add_argument("--timeout", type=_number(float, 1, 86400), default=600.0,
+                   help="seconds to wait for all results")
+    e.add_argument("--bootstrap", type=_number(int, 0, 100000), default=2000,
+                   help="bootstrap resamples for the AUC interval")
     e.add_argument("--out", help=out_help)
     e.set_defaults(func=cmd_evaluate)
 
