@@ -92,6 +92,10 @@ def _load(folder: str) -> ModelCard:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    problem = provider_problem(args.provider)
+    if problem:
+        print(f"befund: {problem}", file=sys.stderr)
+        return 2
     card = _load(args.folder)
     other = _load(args.compare) if args.compare else None
     studies_by_uid, notes = collect_studies(Path(args.data))
@@ -108,10 +112,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = report_folder(args.out, "evaluate", card.name)
     from tqdm import tqdm
 
-    problem = provider_problem(args.provider)
-    if problem:
-        print(f"befund: {problem}", file=sys.stderr)
-        return 2
     models = [(card.key, card)]
     if other is not None:
         same = other.key == card.key  # a copy: named by its folder
