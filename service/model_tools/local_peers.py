@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -47,9 +48,26 @@ def poll(predicate, timeout: float, what: str, interval: float = 0.2):  # noqa: 
 
 
 def only_model(folder: Path, into: Path) -> Path:
-    """A models folder that holds `folder` alone (a link), so the node runs this model only."""
-    into.mkdir(parents=True, exist_ok=True)
-    (into / folder.resolve().name).symlink_to(folder.resolve(), target_is_directory=True)
+    """A models folder that holds `folder` alone, so the node runs this model only.
+
+    The model's files are linked; its card is copied, and a card whose `mode` is not `active`
+    (a model in shadow, or disabled) runs active here: the node under test is private, and
+    only an active model delivers the SR that `evaluate` reads back.
+    """
+    import yaml
+
+    source = folder.resolve()
+    target = into / source.name
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "card.yaml":
+            (target / item.name).symlink_to(item, target_is_directory=item.is_dir())
+    text = (source / "card.yaml").read_text()
+    data = yaml.safe_load(text)
+    if isinstance(data, dict) and data.get("mode") not in (None, "active"):
+        print(f"befund: {data.get('name')} is in mode {data['mode']!r}; the test node runs it active")
+        text = re.sub(r"(?m)^mode:.*$", "mode: active", text)
+    (target / "card.yaml").write_text(text)
     return into
 
 
