@@ -142,6 +142,9 @@ def phantom_studies(tmp_path_factory):
         for seed in seeds:
             assert main(["phantom", "ct", "--out", str(data / f"{finding}-{seed}"), "--finding", finding,
                          "--slices", "20", "--seed", str(seed)]) == 0
+    # and one the model cannot take (3 slices; it needs 16): listed, never scored as negative
+    assert main(["phantom", "ct", "--out", str(data / "short"), "--finding", "none", "--slices", "3",
+                 "--seed", "301"]) == 0
     return data
 
 
@@ -149,7 +152,7 @@ def test_labels_come_from_the_csv_and_phantom_truth(phantom_studies, tmp_path):
     from service.model_tools.study_set import apply_labels, collect_studies, labelled
 
     studies, notes = collect_studies(phantom_studies)
-    assert len(studies) == 6 and notes == []
+    assert len(studies) == 7 and notes == []
     truth = {s.subgroups["finding"]: s.label for s in studies.values()}
     assert truth == {"subdural": True, "epidural": True, "none": False}
     assert all({"slice_thickness", "scanner", "site"} <= set(s.subgroups) for s in studies.values())
@@ -161,7 +164,7 @@ def test_labels_come_from_the_csv_and_phantom_truth(phantom_studies, tmp_path):
     have, missing = labelled(studies)
     assert [s.uid for s in have] == [uid] and have[0].label is False and have[0].subgroups["reader"] == "R1"
     assert notes == ["1 CSV row(s) name studies that are not under --data"]
-    assert missing == ["5 study(ies) without a label were left out"]
+    assert missing == ["6 study(ies) without a label were left out"]
 
 
 def test_evaluate_sends_phantoms_through_a_node_and_compares_a_copy(phantom_studies, tmp_path, capsys):
@@ -175,7 +178,9 @@ def test_evaluate_sends_phantoms_through_a_node_and_compares_a_copy(phantom_stud
                         "--bootstrap", "200", "--out", str(tmp_path / "r")) == 0
     report = json.loads((tmp_path / "r" / "evaluate.json").read_text())
     f = report["figures"]
-    assert f["studies"] == f["analysed"] == 6 and f["not_analysed"] == []
+    assert f["studies"] == 7 and f["analysed"] == 6
+    [short] = f["not_analysed"]
+    assert "3" in short["reason"] and "16" in short["reason"], short
     assert f["confusion"] == {"tp": 3, "fp": 0, "tn": 3, "fn": 0}
     assert f["sensitivity"] == {"value": 1.0, "ci95": [0.4385, 1.0], "k": 3, "n": 3}  # Wilson, 3 of 3
     assert f["specificity"]["value"] == f["ppv"]["value"] == f["npv"]["value"] == 1.0
@@ -194,7 +199,7 @@ def test_evaluate_sends_phantoms_through_a_node_and_compares_a_copy(phantom_stud
     for png in ("evaluation.png", "evaluation-compare.png", "compare.png"):
         assert (tmp_path / "r" / png).stat().st_size > 10000
     rows = list(csv.DictReader(open(tmp_path / "r" / "studies.csv")))
-    assert len(rows) == 6 and {r["model2_present"] for r in rows} == {"1"}
+    assert len(rows) == 7 and {r["model2_present"] for r in rows if r["model2_not_analysed"] == ""} == {"1"}
     assert "flips" in capsys.readouterr().out
 
 

@@ -142,10 +142,10 @@ class _Run:
                 row = self.node.study(uid)
                 if not row or row["state"] not in FINAL_STATES - {"delivered"}:
                     continue
-                # finished without a result at the PACS yet: its not-analysed SR may still be
-                # on its way; after the grace time the node's reason stands
+                # finished without a result at the PACS yet: the not-analysed SR of a job may
+                # still be on its way; a series no model took has no job and gets none
                 first = self.final_seen.setdefault(uid, time.monotonic())
-                if time.monotonic() - first < SR_GRACE_S:
+                if row.get("jobs") and time.monotonic() - first < SR_GRACE_S:
                     continue
                 self.outcomes[uid] = Outcome(uid, False, reason=f"{row['state']}: {row['reason']}")
             if progress is not None:
