@@ -211,6 +211,7 @@ class ModelCard:
     postprocessing: Postprocessing  # or a task's subclass of it
     finding: Finding
     manufacturer: str = "befund"
+    opset: int | None = None  # the ai.onnx opset the file was exported with (`befund model check`)
     validation: dict[str, Any] = field(default_factory=dict)
     validated_domain: ValidatedDomain | None = None
     calibration: Calibration | None = None
@@ -481,6 +482,7 @@ def parse_card(data: dict[str, Any], folder: Path) -> ModelCard:
         postprocessing=post,
         finding=finding,
         manufacturer=f.opt("manufacturer", "befund"),
+        opset=f.opt("opset", None, int),
         validation=dict(f.opt("validation", {}, dict)),
         validated_domain=(_validated_domain(f.sub("validated_domain"))
                           if f.data.get("validated_domain") is not None else None),

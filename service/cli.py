@@ -7,6 +7,7 @@
     befund status [--config befund.yaml]   (exit 0 ready, 1 not ready, 2 no answer)
     befund user add NAME --role radiologist|admin|ml [--password-stdin]
     befund user list | befund user disable NAME
+    befund model check|bench|evaluate DIR ...   (befund model --help)
     befund model shadow-report NAME [--since 7d]
 """
 
@@ -163,6 +164,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         paths = write_wsi_slide(out, width=args.width, height=args.height, tumor=args.tumor,
                                 seed=args.seed, tiling=args.tiling, codec=args.codec,
                                 label=args.label, overview=args.overview)
+    from phantoms.ground_truth import write_truth
+
+    if args.kind == "ct":  # the truth beside the files: `befund model evaluate` reads it
+        write_truth(out, "ct", finding=args.finding, slices=args.slices, seed=args.seed)
+    else:
+        write_truth(out, "wsi", tumor=args.tumor, seed=args.seed, width=args.width, height=args.height)
     print(f"wrote {len(paths)} instance(s) to {out}")
     return 0
 
@@ -351,11 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--config", help=config_help)
     us.set_defaults(func=cmd_user)
 
-    # `befund model shadow-report`; the `befund model` group will hold check, bench and evaluate too
+    from service.model_tools.commands import add_model_parser
     from service.shadow_report_cli import add_shadow_report_parser
 
-    mo = sub.add_parser("model", help="what ML engineers ask of their models", formatter_class=_Help)
-    add_shadow_report_parser(mo.add_subparsers(dest="model_command", required=True))
+    # `befund model shadow-report` joins through `extra` (its parser lives with the shadow report)
+    add_model_parser(sub, _Help, extra=[add_shadow_report_parser])
     return p
 
 
