@@ -1,5 +1,7 @@
-"""`befund model shadow-report NAME [--since 7d]`: the running node's shadow report for one
-model (service/shadow_report.py), printed for people or as JSON.
+"""`befund model shadow-report NAME [--since 7d] [--out FOLDER]`: the running node's shadow
+report for one model (service/shadow_report.py), printed for people (or as JSON), and written
+as `shadow-report.json` and `shadow-report.png` (each pair's 2 x 2 table and flag rates) into
+the report folder, as the other `befund model` commands do.
 
 It asks the node's `GET /models/{name}/shadow-report` with the token from the node's config
 or var dir, as `befund status` does, so it reads the same state DB the node writes (SQLite or
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +37,7 @@ def add_shadow_report_parser(subparsers: Any) -> argparse.ArgumentParser:
                                      "befund.yaml in the working directory if present)")
     p.add_argument("--url", help="the node's HTTP address (default: http://127.0.0.1:<http_port>)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", help="report folder (default: model-reports/shadow-report-<name>-<UTC time>/)")
     p.set_defaults(func=cmd_shadow_report)
     return p
 
@@ -66,7 +70,67 @@ def cmd_shadow_report(args: argparse.Namespace) -> int:
         print(f"befund: no answer from {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else "\n".join(report_lines(report)))
+    write_report(report, args.out, url)
     return 0
+
+
+def write_report(report: dict[str, Any], out: str | None, url: str) -> None:
+    """shadow-report.json (the report, where it came from) and shadow-report.png."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from service.model_tools.provenance import report_folder, write_json
+
+    folder = report_folder(out, "shadow-report", report["model"])
+    try:
+        befund = version("befund")
+    except PackageNotFoundError:
+        befund = "unknown"
+    write_json(folder / "shadow-report.json", {
+        "command": "shadow-report", "report": report,
+        "provenance": {"node": url, "befund_version": befund,
+                       "made_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
+    try:
+        plot_report(report, folder / "shadow-report.png")
+    except ValueError as exc:  # no matplotlib: the JSON still stands
+        print(f"befund: {exc}; no PNG written", file=sys.stderr)
+    print(f"report in {folder}", file=sys.stderr)
+
+
+def plot_report(report: dict[str, Any], path: Any) -> None:
+    """Per pair: the 2 x 2 table of verdicts and both versions' flag rates."""
+    from service.model_tools.provenance import needs_matplotlib
+
+    plt = needs_matplotlib()
+    pairs = report["pairs"] or [None]
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(9, 3.2 * len(pairs)), squeeze=False)
+    for (table_ax, rate_ax), pair in zip(axes, pairs, strict=True):
+        if pair is None:
+            table_ax.text(0.5, 0.5, report.get("notice") or "no pairs", ha="center", wrap=True)
+            table_ax.axis("off")
+            rate_ax.axis("off")
+            continue
+        t = pair["table"]
+        cells = [[t["both_positive"], t["active_only"]], [t["shadow_only"], t["both_negative"]]]
+        table_ax.imshow(cells, cmap="Blues", vmin=0, vmax=max(1, *cells[0], *cells[1]) * 1.6)
+        for i in range(2):
+            for j in range(2):
+                table_ax.text(j, i, str(cells[i][j]), ha="center", va="center", fontsize=14)
+        table_ax.set_xticks([0, 1], [f"shadow {pair['shadow']} +", "shadow -"])
+        table_ax.set_yticks([0, 1], [f"active {pair['active']} +", "active -"])
+        kappa = "undefined" if pair["kappa"] is None else f"{pair['kappa']:.3f}"
+        table_ax.set_title(f"{report['model']}: agreement {_pct(pair['agreement'])}, kappa {kappa}",
+                           fontsize=9)
+        rates = [pair["flag_rate"]["active"] or 0.0, pair["flag_rate"]["shadow"] or 0.0]
+        rate_ax.bar([f"active {pair['active']}", f"shadow {pair['shadow']}"], rates,
+                    color=["tab:blue", "tab:orange"])
+        rate_ax.set_ylim(0, 1)
+        rate_ax.set_ylabel("flag rate")
+        rate_ax.set_title(f"{pair['analysed_by_both']} series analysed by both, "
+                          f"{pair['disagreements_total']} disagree", fontsize=9)
+    fig.suptitle(f"{report['since']} to {report['until']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:

@@ -192,11 +192,16 @@ def test_the_shadow_report_counts_both_versions_on_the_same_studies(site):
         assert node.api(f"/models/ich_ct/shadow-report?since={bad}")[0] == 400
     assert node.api("/models/ich_ct/shadow-report", token=None)[0] == 401
 
+    out = node.workdir / "shadow-report"
     cli = subprocess.run([str(BEFUND), "model", "shadow-report", "ich_ct", "--since", "1h",
-                          "--config", str(node.config_path)], capture_output=True, text=True, timeout=60)
+                          "--config", str(node.config_path), "--out", str(out)],
+                         capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert "active 0.1.0 vs shadow 0.2.0" in cli.stdout and "66.7 %" in cli.stdout
     assert "Cohen's kappa 0.400" in cli.stdout and studies["quiet"] in cli.stdout
+    written = json.loads((out / "shadow-report.json").read_text())
+    assert written["report"]["pairs"][0]["kappa"] == pair["kappa"] and written["provenance"]["node"]
+    assert (out / "shadow-report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def sign_in(node: RunningNode, name: str) -> str:
