@@ -254,3 +254,32 @@ def test_the_ml_engineer_sees_the_shadow_view_but_no_patients(site):
     status, _, page = request(node, "GET", "/shadow", mona)
     assert status == 200 and b'data-page="shadow"' in page and studies["quiet"].encode() in page
     assert request(node, "GET", "/models/ich_ct/shadow-report?since=1h", mona)[0] == 200
+
+
+def test_the_shadow_page_renders_the_rows_in_a_browser(site):
+    """The page's script (service/static/worklist.js) draws the shadow view; Debian's Chromium."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("needs Debian's chromium")
+    node, _, studies = site
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(node.url + "/shadow")
+            page.fill("#user", "mona")
+            page.fill("#token", PASSWORDS["mona"])
+            page.click("button[type=submit]")
+            page.wait_for_url(node.url + "/shadow")
+            page.wait_for_selector("#shadow-rows tr")
+            assert page.locator("#shadow-rows tr").count() == 3
+            quiet = page.locator("#shadow-rows tr", has_text=studies["quiet"])
+            assert "0.1.0: negative" in quiet.inner_text() and "0.2.0: positive" in quiet.inner_text()
+            assert page.locator("#count-disagree").inner_text() == "1 disagree"
+            assert errors == []
+        finally:
+            browser.close()
