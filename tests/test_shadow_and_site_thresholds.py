@@ -171,6 +171,8 @@ def test_the_api_shows_both_jobs_with_their_modes_and_the_shadow_its_own_thresho
     status, models = node.api("/models")
     assert status == 200
     assert {(m["version"], m["mode"]) for m in models["models"]} == {("0.1.0", "active"), ("0.2.0", "shadow")}
+    checks = {c["name"]: c for c in node.api("/status")[1]["checks"]}
+    assert "ich_ct@0.2.0 (shadow)" in checks["models"]["detail"]
 
 
 def test_the_shadow_report_counts_both_versions_on_the_same_studies(site):
