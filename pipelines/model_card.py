@@ -503,6 +503,11 @@ def load_card(folder: str | Path, verify: bool = True) -> ModelCard:
     except yaml.YAMLError as exc:
         raise CardError(f"{path}: not valid YAML: {exc}") from exc
     card = parse_card(data, folder)
+    from pipelines.card_fields import unknown_fields  # imported here: it imports this module
+
+    unknown = unknown_fields(data, card)
+    if unknown:  # a misspelt `mode:` or `treshold:` must not leave a model on its defaults
+        raise CardError(f"{path}: unknown key(s): {'; '.join(unknown)}")
     if verify:
         card.verify_file()
     return card
