@@ -13,7 +13,7 @@ from service.shadow_report import ReportError, parse_since, shadow_report, shado
 from service.state_db import StateDB
 from tests.test_completion_routing import instance
 
-NOW = time.time()
+NOW = time.time()  # at collection; a test may run minutes later (xdist), so "after the jobs" is time.time()
 
 
 def finished(db: StateDB, series: str, version: str, mode: str, present: bool | None,
@@ -84,7 +84,7 @@ def test_the_report_pairs_active_and_shadow_jobs_on_the_same_series(state_db_tar
         assert all(r["shadow"]["version"] == "0.2.0" and r["active"]["version"] == "0.1.0"
                    for r in rows)
         # outside the window: nothing to compare, and the report says so
-        empty = shadow_report(db, "ich_ct", NOW + 30)
+        empty = shadow_report(db, "ich_ct", time.time() + 30)  # the jobs finished just now
         assert empty["pairs"] == [] and "no finished jobs" in empty["notice"]
     finally:
         db.close()
