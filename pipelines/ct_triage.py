@@ -23,38 +23,9 @@ from pipelines.ct_series import deshear, load_ct_series
 from pipelines.domain import FEATURES, check_ood
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
 from pipelines.model_card import CtPreprocessing, ModelCard
+from pipelines.scoring import aggregate, positive_probability
 
 Infer = Callable[[np.ndarray], np.ndarray]
-
-
-def positive_probability(raw: np.ndarray, card: ModelCard) -> np.ndarray:
-    """(n, n_classes) raw outputs -> (n,) probability of the card's positive class."""
-    raw = np.asarray(raw, dtype=np.float64)
-    if raw.ndim == 1:
-        raw = raw[:, None]
-    out = card.output
-    col = out.classes.index(out.positive_class) if raw.shape[1] == len(out.classes) else raw.shape[1] - 1
-    if out.activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-raw[:, col]))
-    if out.activation == "softmax":
-        z = raw - raw.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e[:, col] / e.sum(axis=1)
-    return np.clip(raw[:, col], 0.0, 1.0)
-
-
-def aggregate(probabilities: np.ndarray, how: str) -> float:
-    """Slice probabilities -> one study probability (`max`, `top3_mean` or `noisy_or`)."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    if p.size == 0:
-        raise ValueError("no slice probabilities to aggregate")
-    if how == "max":
-        return float(p.max())
-    if how == "top3_mean":
-        return float(np.sort(p)[-3:].mean())
-    if how == "noisy_or":
-        return float(1.0 - np.exp(np.sum(np.log1p(-np.clip(p, 0.0, 1.0 - 1e-12)))))
-    raise ValueError(f"unknown aggregation {how!r}")
 
 
 def infer_in_batches(windowed: np.ndarray, context: int, infer: Infer, batch_size: int) -> np.ndarray:

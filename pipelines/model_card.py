@@ -2,7 +2,9 @@
 
 A model is a folder with `card.yaml` and `model.onnx`. Adding a model that fits an existing
 task (`ct-slices`, `wsi-tiles`) needs no code: the card says what the node must feed it, which
-series it takes, and how its scores become a coded finding.
+series it takes, and how its scores become a coded finding. The blocks that differ between
+tasks (`preprocessing`, `postprocessing`) are parsed by the card's task (pipelines/tasks/);
+this module parses what every card has.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-TASKS = ("ct-slices", "wsi-tiles")
 ACTIVATIONS = ("sigmoid", "softmax", "none")
-AGGREGATIONS = ("max", "top3_mean", "noisy_or")
 
 
 class CardError(ValueError):
@@ -204,8 +204,8 @@ class ModelCard:
     input: TensorSpec
     output: OutputSpec
     selector: Selector
-    preprocessing: CtPreprocessing | WsiPreprocessing
-    postprocessing: Postprocessing
+    preprocessing: Any  # the task's own parsed block (CtPreprocessing, WsiPreprocessing, ...)
+    postprocessing: Postprocessing  # or a task's subclass of it
     finding: Finding
     manufacturer: str = "befund"
     validation: dict[str, Any] = field(default_factory=dict)
@@ -240,8 +240,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-class _Fields:
-    """Reads a mapping and names the card and field path in every error."""
+class CardFields:
+    """Reads a mapping and names the card and field path in every error (tasks parse their
+    blocks with it, so their errors read like the card's own)."""
 
     def __init__(self, data: Any, where: str):
         if not isinstance(data, dict):
@@ -259,8 +260,8 @@ class _Fields:
             return default
         return self._as(key, self.data[key], kind)
 
-    def sub(self, key: str) -> _Fields:
-        return _Fields(self.req(key, dict), f"{self.where}.{key}")
+    def sub(self, key: str) -> CardFields:
+        return CardFields(self.req(key, dict), f"{self.where}.{key}")
 
     def _as(self, key: str, value: Any, kind: type) -> Any:
         try:
@@ -273,7 +274,7 @@ class _Fields:
             raise CardError(f"{self.where}.{key}: {value!r} is not a {kind.__name__}") from exc
 
 
-def _code(f: _Fields) -> Code:
+def _code(f: CardFields) -> Code:
     return Code(value=str(f.req("value")), scheme=f.req("scheme"), meaning=f.req("meaning"))
 
 
@@ -283,7 +284,7 @@ def _strings(values: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in values or ())
 
 
-def _range(f: _Fields, key: str) -> Range | None:
+def _range(f: CardFields, key: str) -> Range | None:
     value = f.opt(key, None, list)
     if value is None:
         return None
@@ -296,7 +297,7 @@ def _range(f: _Fields, key: str) -> Range | None:
     return Range(lo, hi)
 
 
-def _ood(f: _Fields) -> OodScore:
+def _ood(f: CardFields) -> OodScore:
     from pipelines.domain import FEATURES  # the feature functions a card may name
 
     features = f.req("features")
@@ -326,7 +327,7 @@ def _ood(f: _Fields) -> OodScore:
     return OodScore(features, names, mean, precision, threshold, dict(f.opt("fit", {}, dict)))
 
 
-def _validated_domain(f: _Fields) -> ValidatedDomain:
+def _validated_domain(f: CardFields) -> ValidatedDomain:
     known = {"slice_thickness_mm", "slice_spacing_mm", "pixel_spacing_mm", "pixel_spacing_um", "kvp",
              "convolution_kernel_families", "body_parts", "contrast", "stains", "ood",
              "never_validated_on"}
@@ -369,7 +370,7 @@ def _validated_domain(f: _Fields) -> ValidatedDomain:
 CALIBRATION_METHODS = ("temperature",)
 
 
-def _calibration(f: _Fields) -> Calibration:
+def _calibration(f: CardFields) -> Calibration:
     method = f.req("method")
     if method not in CALIBRATION_METHODS:
         raise CardError(f"{f.where}.method: {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
@@ -382,12 +383,31 @@ def _calibration(f: _Fields) -> Calibration:
     return Calibration(method, temperature, cap, dict(f.opt("fit", {}, dict)))
 
 
+def parse_postprocessing(q: CardFields) -> Postprocessing:
+    """The postprocessing block of a task whose verdict is a score against a threshold."""
+    from pipelines.scoring import AGGREGATIONS
+
+    aggregation = q.req("aggregation")
+    if aggregation not in AGGREGATIONS:
+        raise CardError(f"{q.where}.aggregation: {aggregation!r} is not one of {AGGREGATIONS}")
+    threshold = q.req("threshold", float)
+    if not 0.0 < threshold < 1.0:
+        raise CardError(f"{q.where}.threshold: {threshold} must lie between 0 and 1")
+    return Postprocessing(
+        aggregation=aggregation,
+        threshold=threshold,
+        priority_when_positive=q.opt("priority_when_positive", "high"),
+        key_images=q.opt("key_images", 3, int),
+    )
+
+
 def parse_card(data: dict[str, Any], folder: Path) -> ModelCard:
     """Build a ModelCard from parsed YAML; every error names `folder/card.yaml` and the field."""
-    f = _Fields(data, f"{folder}/card.yaml")
+    from pipelines.tasks import task_named  # imported here: the tasks import this module
+
+    f = CardFields(data, f"{folder}/card.yaml")
     task = f.req("task")
-    if task not in TASKS:
-        raise CardError(f"{f.where}.task: {task!r} is not one of {', '.join(TASKS)}")
+    kind = task_named(task, f"{f.where}.task")
 
     i = f.sub("input")
     shape = tuple(int(s) for s in i.req("shape", list))
@@ -421,52 +441,8 @@ def parse_card(data: dict[str, Any], folder: Path) -> ModelCard:
             t.upper() for t in _strings(s.opt("image_types_excluded", ["LOCALIZER"], list))),
     )
 
-    p = f.sub("preprocessing")
-    if task == "ct-slices":
-        windows = tuple((float(c), float(w)) for c, w in p.req("windows", list))
-        if not windows or any(w <= 0 for _, w in windows):
-            raise CardError(f"{p.where}.windows: give [centre, width] pairs with width > 0")
-        pre: CtPreprocessing | WsiPreprocessing = CtPreprocessing(
-            windows=windows,
-            context_slices=p.req("context_slices", int),
-            size=p.req("size", int),
-            min_slices=p.opt("min_slices", 16, int),
-            max_slice_gap_mm=p.opt("max_slice_gap_mm", 10.0, float),
-        )
-        expected_channels = len(windows) * (2 * pre.context_slices + 1)
-        if tensor.shape[1:] != (expected_channels, pre.size, pre.size):
-            raise CardError(
-                f"{i.where}.shape: {list(shape)} does not fit preprocessing "
-                f"({len(windows)} windows x {2 * pre.context_slices + 1} slices, size {pre.size}): "
-                f"expected [-1, {expected_channels}, {pre.size}, {pre.size}]"
-            )
-    else:
-        pre = WsiPreprocessing(
-            spacing_um=p.req("spacing_um", float),
-            tile_size=p.req("tile_size", int),
-            overlap=p.opt("overlap", 0, int),
-            mean=tuple(float(v) for v in p.opt("mean", [0, 0, 0], list)),
-            std=tuple(float(v) for v in p.opt("std", [1, 1, 1], list)),
-            tissue_saturation=p.opt("tissue_saturation", 7.0, float),
-            tissue_min_fraction=p.opt("tissue_min_fraction", 0.0005, float),
-            batch_size=p.opt("batch_size", 64, int),
-        )
-        if pre.spacing_um <= 0 or pre.tile_size <= 0:
-            raise CardError(f"{p.where}: spacing_um and tile_size must be positive")
-
-    q = f.sub("postprocessing")
-    aggregation = q.req("aggregation")
-    if aggregation not in AGGREGATIONS:
-        raise CardError(f"{q.where}.aggregation: {aggregation!r} is not one of {AGGREGATIONS}")
-    threshold = q.req("threshold", float)
-    if not 0.0 < threshold < 1.0:
-        raise CardError(f"{q.where}.threshold: {threshold} must lie between 0 and 1")
-    post = Postprocessing(
-        aggregation=aggregation,
-        threshold=threshold,
-        priority_when_positive=q.opt("priority_when_positive", "high"),
-        key_images=q.opt("key_images", 3, int),
-    )
+    pre = kind.parse_preprocessing(f.sub("preprocessing"), tensor, i.where)
+    post = kind.parse_postprocessing(f.sub("postprocessing"))
 
     fd = f.sub("finding")
     site = fd.data.get("site")

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.ct_triage import aggregate, positive_probability
 from pipelines.domain import FEATURES, OutsideDomain, check_ood, shown, slide_vector
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
 from pipelines.model_card import ModelCard, ValidatedDomain, WsiPreprocessing
+from pipelines.scoring import aggregate, positive_probability
 from pipelines.tissue import TissueMask, detect_tissue
 from pipelines.wsi_slide import FILL, Level, Slide, decode_bytes, open_slide, read_overview
 

@@ -145,6 +145,9 @@ class Config:
     job_workers: int = 2
     inference_provider: str = "cpu"  # cpu | cuda
     inference_threads: int = 0  # 0: cores minus one, at least one
+    # Modules that register tasks from outside befund (pipelines/tasks/__init__.py), imported at
+    # start by every process that loads this config; BEFUND_TASK_MODULES: comma-separated.
+    task_modules: tuple[str, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     hl7: Hl7Config = field(default_factory=Hl7Config)
     webhooks: tuple[str, ...] = ()
@@ -230,6 +233,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 raise ConfigError(str(exc)) from exc
         elif key == "webhooks":
             kwargs[key] = tuple(str(v) for v in value or ())
+        elif key == "task_modules":
+            kwargs[key] = _task_modules(value)
         elif key == "fault_injection":
             kwargs[key] = _fault_injection(value)
         elif key == "fault_delays":
@@ -271,6 +276,15 @@ def _destination(value: Any) -> Destination:
     if isinstance(value, str):
         return Destination.parse(value)
     return _build(Destination, value, "destinations[]")
+
+
+def _task_modules(value: Any) -> tuple[str, ...]:
+    """A list of dotted module names, or one comma-separated string (the environment's form)."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"task_modules: give a list of dotted module names, not {value!r}")
+    return tuple(value)
 
 
 def _fault_injection(value: Any) -> tuple[tuple[str, str], ...]:
@@ -351,7 +365,18 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     _check_network_limits(cfg)
+    _import_task_modules(cfg)
     return cfg
+
+
+def _import_task_modules(cfg: Config) -> None:
+    """Register the tasks the config names, in this process (before any card is parsed)."""
+    from pipelines.tasks import TaskError, import_task_modules
+
+    try:
+        import_task_modules(cfg.task_modules)
+    except TaskError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_worklist(cfg: Config) -> None:

@@ -29,6 +29,7 @@ import pydicom
 from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard
 from pipelines.result_uids import result_uids
+from pipelines.tasks import task_of
 from service import metrics
 from service.config import Config
 from service.durable_files import save_dataset_durably
@@ -209,11 +210,7 @@ class JobRunner:
         summary["timings"] = {**result.timings, "encode": encode_s}
         summary["files"] = [str(f) for f in files]
         if card is not None:
-            summary["finding"] = {"value": card.finding.code.value,
-                                  "scheme": card.finding.code.scheme,
-                                  "meaning": card.finding.code.meaning}
-            summary["priority"] = (card.postprocessing.priority_when_positive
-                                   if result.present else "normal")
+            summary.update(task_of(card).worklist_summary(card, result))
         return summary
 
     def _count(self, job: Job, card: ModelCard | None, result: AnalysisResult,
@@ -250,20 +247,18 @@ class JobRunner:
 
     def _encode(self, attempt: Attempt, card: ModelCard, result: AnalysisResult,
                 reduced_header: bool = False) -> list[Path]:
-        """Write the SR (and, for slides, the heatmap SEG) durably under var/results/job-<id>/.
+        """Write the SR (and the SEG, when the task's result has one) durably under
+        var/results/job-<id>/.
 
         `reduced_header`: build the SR from pipelines/source_header.py's copy of the header.
         """
-        from pipelines.sr_encoding import build_result_sr
-
         job = attempt.job
+        task = task_of(card)
         self._enter(attempt, Stage.ENCODE_SR)
         # headers come from files still in the spool (retention may have removed older ones)
         instances = [r for r in self.db.series_instances(job.series_uid) if r["purged_at"] is None]
         by_uid = {r["sop_instance_uid"]: r for r in instances}
-        wanted = [k.sop_instance_uid for k in result.key_images if k.sop_instance_uid in by_uid]
-        if result.heatmap and result.heatmap.get("level_sop_instance_uid") in by_uid:
-            wanted.append(result.heatmap["level_sop_instance_uid"])
+        wanted = [u for u in task.referenced_instances(result) if u in by_uid]
         if not wanted and instances:
             wanted = [instances[0]["sop_instance_uid"]]
         headers = [pydicom.dcmread(by_uid[u]["path"], stop_before_pixels=True)
@@ -274,18 +269,12 @@ class JobRunner:
             headers = [minimal_source_header(h) for h in headers]
         uids = result_uids(job.series_uid, card.key, job.run)
         earlier = self.db.previous_run(job.series_uid, card.name, card.version, job.run)
-        sr = build_result_sr(card, result, headers, uids, job.run, supersedes=(
+        sr = task.build_sr(card, result, headers, uids, job.run, (
             result_uids(job.series_uid, card.key, earlier) if earlier is not None else None))
         seg = None
-        if result.analysed and result.heatmap:
-            from pipelines.seg_encoding import build_heatmap_seg
-
+        if task.has_seg(card, result):
             self._enter(attempt, Stage.ENCODE_SEG)
-            slide = next((h for h in headers
-                          if h.SOPInstanceUID == result.heatmap.get("level_sop_instance_uid")),
-                         headers[0])
-            seg = build_heatmap_seg(card, result, slide, uids.seg_series_uid, uids.seg_sop_uid,
-                                    job.run)
+            seg = task.build_seg(card, result, headers, uids, job.run)
         self._enter(attempt, Stage.SAVE)
         folder = self.config.results_path / f"job-{job.id}"
         files = [save_dataset_durably(sr, folder / "sr.dcm")]

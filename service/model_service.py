@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard, usable_cards
+from pipelines.tasks import task_of
 from service.config import load_config
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.parent_death import die_with_parent, exit_with
@@ -50,8 +51,9 @@ def _noop() -> int:
     return os.getpid()
 
 
-def _default_for(cards: list[ModelCard], task: str) -> str | None:
-    keys = [c.key for c in cards if c.task == task]
+def _default_for(cards: list[ModelCard], endpoint: str) -> str | None:
+    """The model a tensor endpoint runs: the last loaded card whose task names that endpoint."""
+    keys = [c.key for c in cards if task_of(c).tensor_endpoint == endpoint]
     return keys[-1] if keys else None
 
 
@@ -97,8 +99,8 @@ class ModelService:
         for f in [self.executor.submit(_noop) for _ in range(cores)]:
             f.result()  # start the decoders now, not on the first study
         self.shared = SharedTensorReader()
-        self.default_ct = _default_for(list(self.cards.values()), "ct-slices")
-        self.default_wsi = _default_for(list(self.cards.values()), "wsi-tiles")
+        self.default_ct = _default_for(list(self.cards.values()), "infer_ct")
+        self.default_wsi = _default_for(list(self.cards.values()), "infer_wsi")
         log.info("model service ready: %s", ", ".join(self.cards))
 
     @bentoml.on_shutdown
@@ -121,15 +123,7 @@ class ModelService:
         if card is None:
             return AnalysisResult.not_analysed(f"model {model} is not loaded").to_dict()
         paths = self._check_paths(paths)
-        infer = self.predictors[model]
-        if card.task == "ct-slices":
-            from pipelines.ct_triage import analyse_ct_series
-
-            result = analyse_ct_series(card, paths, infer, executor=self.executor)
-        else:
-            from pipelines.wsi_analysis import analyse_wsi_slide
-
-            result = analyse_wsi_slide(card, paths, infer, executor=self.executor)
+        result = task_of(card).analyse(card, paths, self.predictors[model], executor=self.executor)
         return result.to_dict()
 
     @bentoml.api
@@ -142,7 +136,7 @@ class ModelService:
     def infer_ct(self, tensor: np.ndarray) -> np.ndarray:
         """Raw model outputs of the default CT model for a (n, C, S, S) float32 batch."""
         if self.default_ct is None:
-            raise bentoml.exceptions.NotFound("no ct-slices model is loaded")
+            raise bentoml.exceptions.NotFound("no model for infer_ct is loaded (a ct-slices model)")
         return self.predictors[self.default_ct](tensor)
 
     @bentoml.api
@@ -185,5 +179,5 @@ class ModelService:
     def infer_wsi(self, tensor: np.ndarray) -> np.ndarray:
         """Raw model outputs of the default slide model for a (n, 3, T, T) float32 batch."""
         if self.default_wsi is None:
-            raise bentoml.exceptions.NotFound("no wsi-tiles model is loaded")
+            raise bentoml.exceptions.NotFound("no model for infer_wsi is loaded (a wsi-tiles model)")
         return self.predictors[self.default_wsi](tensor)

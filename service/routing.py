@@ -1,4 +1,5 @@
-"""Which models take a series: the model cards' selectors decide, no code per model."""
+"""Which models take a series: each card's task decides, by the card's selector for the
+built-in tasks; no code per model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.model_card import ModelCard
+from pipelines.tasks import task_of
 from service.state.rows import Series
 
 # Series we produce or that carry no pixels for analysis: never routed, never flagged.
@@ -39,7 +41,7 @@ def route_series(series: Series, cards: list[ModelCard]) -> Route:
         return Route((), f"{facts['modality']} series are results, not images", ignored=True)
     taken, reasons = [], []
     for card in cards:
-        why = card.selector.mismatch(facts)
+        why = task_of(card).mismatch(card, facts)
         if why:
             reasons.append(f"{card.name}: {why}")
         else:

@@ -14,9 +14,10 @@ import pytest
 from phantoms.ct_head import make_ct_phantom, write_ct_series
 from pipelines.ct_preprocess import add_context, context_indices, preprocess_ct, window_resize
 from pipelines.ct_series import load_ct_series
-from pipelines.ct_triage import aggregate, analyse_ct_series, positive_probability
+from pipelines.ct_triage import analyse_ct_series
 from pipelines.findings import NotAnalysable
 from pipelines.model_card import load_card
+from pipelines.scoring import aggregate, positive_probability
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "models" / "ich_ct"
 

@@ -40,8 +40,9 @@ from torch import nn
 
 from phantoms.ct_head import FINDINGS, make_ct_phantom, write_ct_series
 from pipelines.ct_preprocess import add_context, window_resize
-from pipelines.ct_triage import aggregate, analyse_ct_series
+from pipelines.ct_triage import analyse_ct_series
 from pipelines.model_card import load_card, parse_card, sha256_of
+from pipelines.scoring import aggregate
 
 HERE = Path(__file__).resolve().parent
 TRAIN_SEED, SELECT_SEED, HELDOUT_SEED = 100_000, 200_000, 300_000
