@@ -17,6 +17,8 @@ Document tree (PS3.16 TID 1500 "Measurement Report"):
           Area (mm2) and other coded measurements           [when the pipeline gives them]
           Finding = Present | Absent | Indeterminate        (qualitative evaluation)
           Source of Measurement -> key images (with frame numbers for multi-frame images)
+        (or, for a segmentation, a Volumetric ROI group, TID 1411: the same rows less the
+         key images, plus the SEG segment the measurements were made on, as its region)
       CONTAINS         Qualitative Evaluations (TID 1500 row 12, added by hand)
         CODE <finding> = Present | Absent | Indeterminate
         TEXT Comment = one line a radiologist reads: "ich_ct 1.0.0: Intracranial hemorrhage
