@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import multiprocessing as mp
+import os
 import re
 import resource
 import sys
@@ -303,7 +304,11 @@ def main() -> int:
         "training": {"studies": len(plan), "steps": args.steps, "batch": args.batch, "crop": CROP,
                      "parameters": int(n_params), "seconds": round(t_train),
                      "data_seconds": round(t_data), "cpu_seconds": round(cpu_train),
-                     "torch": str(torch.__version__)},
+                     "torch": str(torch.__version__),
+                     "machine": f"{len(os.sched_getaffinity(0))} CPU cores, load average "
+                                f"{os.getloadavg()[0]:.1f} at the end (other jobs share them); the whole "
+                                f"train.py run took {time.perf_counter() - t_start:.0f} s wall, "
+                                f"{cpu_seconds():.0f} CPU s"},
         "date": dt.date.today().isoformat(),
     }
     write_card(card_path, sha256_of(onnx_path), threshold, validation)
