@@ -11,9 +11,10 @@ windowing (pipelines.ct_preprocess.window_resize to 256 x 256, add_context), sto
 while training (1/255 of a window: 0.3 HU in the brain window, far below the phantoms' 3-9 HU
 noise). The target is the fraction of each 256-grid pixel that the 512 mask covers.
 
-The network: PixelUnshuffle(2) folds the 256 x 256 input into 36 channels at 128 x 128 (the
-fine detail of thin subarachnoid blood survives, the cost is that of a 128 x 128 U-Net), a
-4-level U-Net (8-16-32-64 channels), 4 logits per 128-pixel, PixelShuffle(2) back to 256.
+The network: a space-to-depth fold (ONNX SpaceToDepth) turns the 256 x 256 input into 36
+channels at 128 x 128 (the fine detail of thin subarachnoid blood survives, the cost is that of
+a 128 x 128 U-Net), a 4-level U-Net (8-16-32-64 channels), 4 logits per 128-pixel,
+PixelShuffle(2) back to 256. Exported with height and width free (multiples of 16).
 Trained on random 96 x 96 crops of the 256 input (mostly around bleeds), BCE + soft Dice.
 
 Seeds: training 110000+, threshold selection 210000+, held-out evaluation 310000+ (the test
@@ -78,6 +79,17 @@ def _make_study(args):
     return x, y
 
 
+class Fold(nn.Module):
+    """PixelUnshuffle(2) in ONNX SpaceToDepth's channel order (block-major), so the exported
+    graph is one SpaceToDepth and takes any height and width (the task crops each batch to the
+    head's bounding box)."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)
+        return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
 class SegNet(nn.Module):
     """2.5D U-Net on a 2x-folded input; 1 logit per input pixel."""
 
@@ -88,7 +100,7 @@ class SegNet(nn.Module):
             return nn.Sequential(nn.Conv2d(i, o, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(o),
                                  nn.ReLU(inplace=True))
 
-        self.fold, self.unfold = nn.PixelUnshuffle(2), nn.PixelShuffle(2)
+        self.fold, self.unfold = Fold(), nn.PixelShuffle(2)
         self.inc = nn.Sequential(block(4 * channels, widths[0]), block(widths[0], widths[0]))
         self.downs = nn.ModuleList(nn.Sequential(block(widths[i], widths[i + 1], 2),
                                                  block(widths[i + 1], widths[i + 1]))
@@ -281,7 +293,8 @@ def main() -> int:
     name_in, name_out = card["input"]["name"], card["output"]["name"]
     torch.onnx.export(model, torch.zeros(1, 3 * (2 * context + 1), size, size), str(onnx_path),
                       input_names=[name_in], output_names=[name_out], opset_version=17,
-                      dynamic_axes={name_in: {0: "batch"}, name_out: {0: "batch"}}, dynamo=False)
+                      dynamic_axes={name_in: {0: "batch", 2: "height", 3: "width"},
+                                    name_out: {0: "batch", 2: "height", 3: "width"}}, dynamo=False)
     infer = onnx_infer(onnx_path, args.threads)
 
     min_volume = float(card["postprocessing"]["min_volume_ml"])
