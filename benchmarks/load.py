@@ -8,6 +8,11 @@ association end to its SR accepted by the PACS. Writes benchmarks/out/load.json 
 
     .venv/bin/python benchmarks/load.py [--senders 8] [--studies 5] [--slices 16]
 
+`--instances 1,2` compares, in one run, one befund instance with two on one PostgreSQL
+(tests/pg_server.py) and one shared spool, the senders spread over the instances' DICOM
+ports; the same studies go to each setup (own database, own PACS). Writes
+benchmarks/out/load_instances.json and load_instances.png (studies/min, p50/p99 and the ratio).
+
 `tests/test_load.py` runs the same driver and asserts that nothing is lost or doubled.
 """
 
@@ -79,13 +84,16 @@ def make_studies(work: Path, count: int, slices: int, seed: int = 9700) -> list[
     return studies
 
 
-def send_all(node: RunningNode, studies: list[Study], senders: int) -> None:
-    """`senders` threads, each running storescu for its share of studies, one after another."""
+def send_all(node: RunningNode | list[RunningNode], studies: list[Study], senders: int) -> None:
+    """`senders` threads, each running storescu for its share of studies, one after another;
+    with several nodes, sender k sends to node k mod n."""
+    nodes = node if isinstance(node, list) else [node]
 
     def sender(k: int) -> None:
         for study in studies[k::senders]:
             study.sent_at = time.time()
-            res = run_storescu(study.paths, ae=f"LOAD{k}", port=node.dicom_port, timeout=300)
+            res = run_storescu(study.paths, ae=f"LOAD{k}", port=nodes[k % len(nodes)].dicom_port,
+                               timeout=300)
             study.association_end = time.time()
             study.returncode, study.output = res.returncode, res.output[-2000:]
 
@@ -183,14 +191,81 @@ def plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_instances(counts: list[int], args: argparse.Namespace) -> dict:
+    """The same studies through 1, 2, ... instances on one PostgreSQL and one shared spool each."""
+    from tests.pg_server import PgServer
+
+    result: dict = {"instances": counts, "senders": args.senders, "studies": args.senders * args.studies,
+                    "slices_per_study": args.slices, "job_workers_per_instance": args.job_workers,
+                    "cpu_count": os.cpu_count(), "state_db": "PostgreSQL (tests/pg_server.py)"}
+    with tempfile.TemporaryDirectory(prefix="befund-load-") as tmp, PgServer() as pg:
+        work = Path(tmp)
+        for n in counts:
+            studies = make_studies(work / "studies", args.senders * args.studies, args.slices)
+            url = pg.new_database("load")
+            shared = work / f"shared{n}"
+            with StoreSCP(work / f"pacs{n}", ae="PACS", extra_args=PACS_ARGS) as pacs:
+                nodes = [RunningNode(work / f"node{n}-{i}", pacs=f"PACS@127.0.0.1:{pacs.port}",
+                                     job_workers=args.job_workers, database_url=url,
+                                     instance_id=f"load{n}-{i}", spool_dir=str(shared / "spool"),
+                                     results_dir=str(shared / "results")) for i in range(n)]
+                try:
+                    for node in nodes:
+                        node.start(timeout=180)
+                    send_all(nodes, studies, args.senders)
+                    wait_all_final(nodes[0], studies, timeout=900)
+                    summary = summarise(studies, pacs.directory, args.senders, args.slices)
+                finally:
+                    for node in nodes:
+                        node.stop()
+            result[str(n)] = summary
+            print(f"{n} instance(s): {summary['studies_per_min']} studies/min, time to result p50 "
+                  f"{summary['time_to_result_s']['p50']} s, p99 {summary['time_to_result_s']['p99']} s, "
+                  f"{summary['delivered']}/{summary['studies']} delivered, {summary['sr_files_at_pacs']} SRs",
+                  flush=True)
+    if len(counts) > 1:
+        first, last = result[str(counts[0])], result[str(counts[-1])]
+        result["ratio_studies_per_min"] = round(last["studies_per_min"] / first["studies_per_min"], 2)
+    return result
+
+
+def plot_instances(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = result["instances"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.bar([str(n) for n in counts], [result[str(n)]["studies_per_min"] for n in counts])
+    ax1.set_xlabel("befund instances (one PostgreSQL, one spool)")
+    ax1.set_ylabel("studies/min")
+    for key, label in (("p50", "p50"), ("p99", "p99")):
+        ax2.plot([str(n) for n in counts], [result[str(n)]["time_to_result_s"][key] for n in counts],
+                 marker="o", label=label)
+    ax2.set_ylabel("association end -> SR delivered (s)")
+    ax2.legend()
+    fig.suptitle(f"{result['senders']} senders x {result['studies'] // result['senders']} studies, "
+                 f"{result['cpu_count']} cores; ratio {result.get('ratio_studies_per_min', '-')}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--senders", type=int, default=8)
     ap.add_argument("--studies", type=int, default=5, help="studies per sender")
     ap.add_argument("--slices", type=int, default=16)
     ap.add_argument("--job-workers", type=int, default=2)
+    ap.add_argument("--instances", help="e.g. 1,2: instances on one PostgreSQL, compared in one run")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.instances:
+        result = run_instances([int(n) for n in args.instances.split(",")], args)
+        (OUT / "load_instances.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_instances(result, OUT / "load_instances.png")
+        print(f"studies/min ratio: {result.get('ratio_studies_per_min')}")
+        return
     with tempfile.TemporaryDirectory(prefix="befund-load-") as tmp:
         work = Path(tmp)
         studies = make_studies(work / "studies", args.senders * args.studies, args.slices)

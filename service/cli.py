@@ -1,6 +1,6 @@
 """`befund`: serve the node, write phantoms, send a folder of DICOM files.
 
-    befund serve [--config befund.yaml]
+    befund serve [--config befund.yaml] [--role all|receiver|worker|models]
     befund phantom ct --out DIR --finding subdural --slices 40 --seed 1 [--transfer-syntax rle]
     befund phantom wsi --out DIR --width 8192 --height 6144 --tumor 0.2 --seed 1
     befund send DIR --to BEFUND@127.0.0.1:11112
@@ -50,9 +50,10 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 def ports_in_use(config: Config, http_host: str) -> list[str]:
     """One line per port the node needs that something else holds: the port and its setting."""
-    wanted = [(http_host, config.http_port, "http_port"),
-              (config.dicom_host, config.dicom_port, "dicom_port")]
-    if config.tls.enabled:
+    wanted = [(http_host, config.http_port, "http_port")]
+    if config.role in ("all", "receiver"):  # the roles that take DICOM
+        wanted.append((config.dicom_host, config.dicom_port, "dicom_port"))
+    if config.tls.enabled and config.role in ("all", "receiver"):
         wanted.append((config.dicom_host, config.tls.port, "tls.port"))
     lines = []
     for host, port, key in wanted:
@@ -87,6 +88,8 @@ def startup_lines(config: Config, http_host: str, var_dir: str) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.private_files import keep_files_private
 
+    if args.role:
+        os.environ["BEFUND_ROLE"] = args.role  # the workers read the role from the config
     config = _config(args)  # fail here, with the message, not inside a worker
     keep_files_private()  # inherited by BentoML's arbiter and every worker (patient data)
     busy = ports_in_use(config, args.host)
@@ -103,14 +106,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # when it starts, so two nodes on one machine sharing ~/bentoml erased each other's
     # metrics, and each node's /metrics showed the other's (raw paths of an older node included).
     os.environ.setdefault("BENTOML_HOME", os.environ["BEFUND_VAR_DIR"] + "/bentoml")
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.gateway:Gateway",
+    # role models: the model service alone (a GPU host); any other: the gateway, which runs
+    # the model service beside it unless it only receives or has remote ones (service/gateway.py)
+    service = "service.model_service:ModelService" if config.role == "models" else "service.gateway:Gateway"
+    cmd = [sys.executable, "-m", "bentoml", "serve", service,
            "--port", str(config.http_port), "--host", args.host,
            "--working-dir", str(PROJECT_ROOT)]
     if config.http_tls.enabled:  # uvicorn of the gateway's worker speaks TLS on the HTTP port
         cmd += ["--ssl-certfile", str(Path(config.http_tls.cert).resolve()),
                 "--ssl-keyfile", str(Path(config.http_tls.key).resolve())]
     scheme = "HTTPS" if config.http_tls.enabled else "HTTP"
-    print(f"befund: DICOM {config.ae_title} on port {config.dicom_port}, "
+    if config.role == "models":
+        print(f"befund: model service on port {config.http_port} (role models)", flush=True)
+        os.execv(sys.executable, cmd)  # noqa: S606 - replace this process with the server
+    dicom = (f"DICOM {config.ae_title} on port {config.dicom_port} ({config.receiver_processes} "
+             "process(es))" if config.role != "worker" else "no DICOM (role worker)")
+    print(f"befund: role {config.role}, {dicom}, "
           f"{scheme} on port {config.http_port}, state under {os.environ['BEFUND_VAR_DIR']}", flush=True)
     print("\n".join(startup_lines(config, args.host, os.environ["BEFUND_VAR_DIR"])), flush=True)
     os.execv(sys.executable, cmd)  # noqa: S606 - replace this process with the server
@@ -260,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Help)
     s.add_argument("--config", help=config_help)
     s.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
+    s.add_argument("--role", choices=["all", "receiver", "worker", "models"],
+                   help="all: everything in one node (default, or the config's role); receiver: DICOM "
+                        "in, spool and state DB; worker: completion, jobs, outbox; models: the model "
+                        "service alone. Every role but models answers the API and worklist")
     s.set_defaults(func=cmd_serve)
 
     ph = sub.add_parser("phantom", help="write synthetic DICOM for tests and demos", formatter_class=_Help)

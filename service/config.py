@@ -123,6 +123,11 @@ class Config:
     spool_dir: str = ""  # empty: var_dir/spool; instances that share a state DB share it too (NFS, CephFS)
     results_dir: str = ""  # empty: var_dir/results; shared like spool_dir when spool_dir is set
     token: str = ""  # empty: generated once and kept in var_dir/token
+    # Scale (README "Scale"): what this instance does, and how many processes receive DICOM.
+    role: str = "all"  # all | receiver | worker | models (`befund serve --role`)
+    receive_workers: int = 0  # processes on dicom_port; 0: one per core with PostgreSQL, 1 with SQLite
+    model_services: tuple[str, ...] = ()  # http://gpu1:3001, ...; empty: the model service started here
+    model_call_timeout_s: float = 1800.0  # one series' analysis at a remote model service, at most
     allow: tuple[AllowRule, ...] = (AllowRule("*", "127.0.0.0/8"), AllowRule("*", "::1/128"))
     destinations: tuple[Destination, ...] = ()
     delivery_rules: tuple[DeliveryRule, ...] = ()  # who gets which results (service/delivery_rules.py)
@@ -198,6 +203,14 @@ class Config:
         return f"{host}-{os.getpid()}"
 
     @property
+    def receiver_processes(self) -> int:
+        """How many processes listen on dicom_port: `receive_workers`, else one per core with
+        PostgreSQL and one with SQLite (its wake-ups are in-process; service/receiver_pool.py)."""
+        if self.receive_workers:
+            return self.receive_workers
+        return len(os.sched_getaffinity(0)) if self.database_url else 1  # the cores we may use
+
+    @property
     def db_path(self) -> Path:
         return self.var_path / "state.sqlite"
 
@@ -235,6 +248,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             kwargs[key] = tuple(str(v) for v in value or ())
         elif key == "task_modules":
             kwargs[key] = _task_modules(value)
+        elif key == "model_services":
+            items = value.split(",") if isinstance(value, str) else (value or ())
+            kwargs[key] = tuple(str(v).strip().rstrip("/") for v in items if str(v).strip())
         elif key == "fault_injection":
             kwargs[key] = _fault_injection(value)
         elif key == "fault_delays":
@@ -320,7 +336,8 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     """`BEFUND_<KEY>` sets a top-level scalar; `BEFUND_PACS=AE@host:port` sets the destination."""
     out: dict[str, Any] = {}
     scalar = {f.name for f in dataclasses.fields(Config)} - set(_NESTED) - {
-        "allow", "destinations", "webhooks", "fault_injection", "fault_delays", "delivery_rules"}
+        "allow", "destinations", "webhooks", "fault_injection", "fault_delays", "delivery_rules",
+        "model_services"}
     for name in scalar:
         key = ENV_PREFIX + name.upper()
         if key in env:
@@ -329,6 +346,8 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
         out["var_dir"] = env["BEFUND_VAR"]
     if env.get("BEFUND_PACS"):
         out["destinations"] = [env["BEFUND_PACS"]]
+    if env.get("BEFUND_MODEL_SERVICES"):  # comma-separated URLs
+        out["model_services"] = env["BEFUND_MODEL_SERVICES"]
     if env.get("BEFUND_ALLOW"):
         out["allow"] = [r for r in env["BEFUND_ALLOW"].split(",") if r.strip()]
     return out
@@ -356,6 +375,7 @@ def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | Non
         raise ConfigError(f"inference_provider must be cpu or cuda, not {cfg.inference_provider!r}")
     _check_http(cfg)
     _check_state(cfg)
+    _check_scale(cfg)
     if (cfg.fault_injection or cfg.fault_delays) and env.get("BEFUND_TESTING") != "1":
         raise ConfigError("fault_injection and fault_delays are test hooks; they are refused "
                           "unless BEFUND_TESTING=1")
@@ -404,6 +424,28 @@ def _check_state(cfg: Config) -> None:
     if cfg.database_pool_size < 2 or cfg.database_timeout_s <= 0 or cfg.delivery.lease_s <= 0:
         raise ConfigError("database_pool_size must be at least 2, database_timeout_s and "
                           "delivery.lease_s greater than 0")
+
+
+ROLES = ("all", "receiver", "worker", "models")
+
+
+def _check_scale(cfg: Config) -> None:
+    """A known role, a receiver count SQLite can take, and model service URLs."""
+    if cfg.role not in ROLES:
+        raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {cfg.role!r}")
+    if cfg.role in ("receiver", "worker") and not cfg.database_url:
+        raise ConfigError(f"role {cfg.role} shares the work with other instances: set database_url "
+                          "(PostgreSQL) and a shared spool_dir; SQLite serves role all only")
+    if cfg.receive_workers < 0 or cfg.receive_workers > 256:
+        raise ConfigError(f"receive_workers must be 0 (one per core) to 256, not {cfg.receive_workers}")
+    if cfg.receive_workers > 1 and not cfg.database_url:
+        raise ConfigError("receive_workers above 1 needs database_url (PostgreSQL): with SQLite one "
+                          "process receives (its wake-ups reach only its own process)")
+    for url in cfg.model_services:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._/-]*)?", url):
+            raise ConfigError(f"model_services: {url!r} is not an http(s)://host:port address")
+    if cfg.model_call_timeout_s <= 0:
+        raise ConfigError("model_call_timeout_s must be greater than 0")
 
 
 def _check_http(cfg: Config) -> None:

@@ -23,6 +23,13 @@ P-DATA-TF longer than the `max_pdu` befund announced, an association PDU longer 
 its 4 bytes, or an unknown type is answered with an A-ABORT and the connection is closed; no
 buffer is ever sized by a length the peer declared before this check.
 
+With `receive_workers` > 1 the node runs several receiver processes on one port
+(service/receiver_process.py) and each has its own gate: the A-ASSOCIATE-RQ deadline, the PDU
+checks and the backlog hold per connection as before; `max_connections_per_address` and
+`max_associations` are counted per process, so across N processes one address holds at most
+N x `max_connections_per_address` of N x `max_associations` slots: the same share, never all
+of them (the kernel spreads one address's connections over the processes by their ports).
+
 Every refusal is counted (service/metrics.py) and logged with the peer address, at most one
 line per address and kind every `peer_log_interval_s`; the next line says how many were left out.
 """
@@ -375,10 +382,19 @@ class GatedAssociationServer(ThreadedAssociationServer):
     daemon_threads = True  # a connection still in the gate never holds up shutdown
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None, *,
-                 gate: ConnectionGate) -> None:
+                 gate: ConnectionGate, reuse_port: bool = False) -> None:
         self.gate = gate
+        self.reuse_port = reuse_port
         self.request_queue_size = gate.config.listen_backlog  # read by server_activate (listen)
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers)
+
+    def server_bind(self) -> None:
+        """With `reuse_port`, this process shares the port with the node's other receiver
+        processes (SO_REUSEPORT: the kernel spreads new connections over them; only sockets of
+        the same user can join)."""
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self):
         return self.socket.accept()  # plain socket: no handshake on the accept path
@@ -419,10 +435,10 @@ class GatedAssociationServer(ThreadedAssociationServer):
 
 
 def start_server(ae: pynetdicom.AE, address, evt_handlers, gate: ConnectionGate, ssl_context=None,
-                 name: str = "dicom-accept") -> GatedAssociationServer:
+                 name: str = "dicom-accept", reuse_port: bool = False) -> GatedAssociationServer:
     """Like `ae.start_server(address, block=False, ...)`, through the gate."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GatedAssociationServer, gate=gate)
+                            server_class=GatedAssociationServer, gate=gate, reuse_port=reuse_port)
     serve_in_thread(ae, server, name)
     return server
 

@@ -124,9 +124,12 @@ class DicomListener:
     def __init__(self, config: Config, spool: Spool,
                  on_instance: Callable[[StoredInstance], None],
                  on_association_end: Callable[[str, str], None],
-                 indexed: Callable[[str], IndexedInstance | None] | None = None):
+                 indexed: Callable[[str], IndexedInstance | None] | None = None,
+                 reuse_port: bool = False):
         """`indexed(sop)`: where the state DB holds the instance's current version (without
-        it, the spool looks in the series folder; see `Spool.store`)."""
+        it, the spool looks in the series folder; see `Spool.store`). `reuse_port`: other
+        receiver processes of this node listen on the same ports (service/receiver_pool.py)."""
+        self.reuse_port = reuse_port
         self.config = config
         self.spool = spool
         self.on_instance = on_instance
@@ -180,12 +183,13 @@ class DicomListener:
         self._ae = ae
         self._gate = ConnectionGate(self.config)
         self._server = start_server(ae, (self.config.dicom_host, self.config.dicom_port), handlers,
-                                    self._gate)
+                                    self._gate, reuse_port=self.reuse_port)
         LOG.info("listening as %s on %s:%d", self.config.ae_title, self.config.dicom_host, self.port)
         if self.config.tls.enabled:
             self._tls_server = start_server(
                 ae, (self.config.dicom_host, self.config.tls.port), handlers, self._gate,
-                ssl_context=server_tls_context(self.config), name="dicom-tls-accept")
+                ssl_context=server_tls_context(self.config), name="dicom-tls-accept",
+                reuse_port=self.reuse_port)
             LOG.info("listening with DICOM TLS on %s:%d (client certificate %s)", self.config.dicom_host,
                      self.tls_port, "required" if self.config.tls.require_client_cert else "optional")
 

@@ -1,6 +1,9 @@
 """The gateway service (BentoML, one worker): DICOM listener, state, jobs, outbox, HTTP API.
 
-One worker only: several workers of a service that opens port 11112 fight over the port.
+One worker only: several workers of a service that opens port 11112 fight over the port
+(more DICOM receivers are processes of their own, sharing the port with SO_REUSEPORT:
+service/receiver_pool.py). With `role` receiver or worker, or `model_services` set, the model
+service is not started beside it (README "Scale").
 It does I/O, not pixels; pixels go to the model service, called through `bentoml.depends`.
 """
 
@@ -15,6 +18,7 @@ from service.config import load_config
 from service.http_api import build_app
 from service.http_edge import HttpEdge
 from service.logging_setup import configure_logging
+from service.model_replicas import ModelReplicas
 from service.model_service import ModelService
 from service.node import Node
 from service.node_checks import alive, ready
@@ -24,6 +28,7 @@ from service.private_files import keep_files_private
 log = logging.getLogger("befund.gateway")
 
 app = build_app()
+_CONFIG = load_config()  # read again in the worker; here it decides which services run
 
 
 # BentoML's HTTP metrics and access log are off here: both take the raw request path (a
@@ -37,7 +42,10 @@ app = build_app()
                  tracing={"excluded_urls": [".*"]})
 @bentoml.asgi_app(app, path="/")
 class Gateway:
-    models = bentoml.depends(ModelService)
+    # the model service runs beside the gateway unless workers reach remote ones by URL, or
+    # this instance only receives (service/model_replicas.py; README "Scale")
+    if _CONFIG.role in ("all", "worker") and not _CONFIG.model_services:
+        models = bentoml.depends(ModelService)
 
     def __init__(self) -> None:
         die_with_parent()
@@ -48,6 +56,12 @@ class Gateway:
 
     @bentoml.on_startup
     async def start_jobs(self) -> None:
+        if not self.node.works:
+            return
+        if self.node.config.model_services:
+            replicas = ModelReplicas(self.node.config.model_services, self.node.config.model_call_timeout_s)
+            self.node.start_jobs(replicas.analyse)
+            return
         loop = asyncio.get_running_loop()
         client = self.models
 
@@ -71,9 +85,8 @@ class Gateway:
 
 
 def _edge_options() -> dict:
-    config = load_config()
-    return {"routes": app.routes, "max_target_bytes": config.http_max_target_bytes,
-            "max_header_bytes": config.http_max_header_bytes}
+    return {"routes": app.routes, "max_target_bytes": _CONFIG.http_max_target_bytes,
+            "max_header_bytes": _CONFIG.http_max_header_bytes}
 
 
 Gateway.add_asgi_middleware(HttpEdge, **_edge_options())

@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard, usable_cards
 from pipelines.tasks import task_of
 from service.config import load_config
+from service.logging_setup import configure_logging
 from service.onnx_sessions import Predictor, build_session, default_threads
 from service.parent_death import die_with_parent, exit_with
 from service.private_files import keep_files_private
@@ -79,8 +81,14 @@ class ModelService:
     def __init__(self) -> None:
         die_with_parent()
         keep_files_private()
+        configure_logging()  # a model host (role models) has no gateway that would do it
         config = load_config()
         self.spool = Path(config.spool_path).resolve()
+        # test hook (refused unless BEFUND_TESTING=1), on a model host (role models) only: each
+        # analysis waits this long first, so a test can kill a replica in the middle of a call
+        # (tests/test_model_replicas.py)
+        delays = dict(config.fault_delays) if config.role == "models" else {}
+        self.analysis_delay_s = delays.get("analysis", 0.0)
         cards, errors = usable_cards(config.models_dir)
         for folder, error in errors.items():
             log.error("model %s not loaded: %s", folder, error)
@@ -123,6 +131,10 @@ class ModelService:
         if card is None:
             return AnalysisResult.not_analysed(f"model {model} is not loaded").to_dict()
         paths = self._check_paths(paths)
+        if self.analysis_delay_s:
+            log.info("analysis of %d instance(s) with %s waits %.1f s (fault_delays)", len(paths), model,
+                     self.analysis_delay_s)
+            time.sleep(self.analysis_delay_s)  # the test hook above
         result = task_of(card).analyse(card, paths, self.predictors[model], executor=self.executor)
         return result.to_dict()
 

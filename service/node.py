@@ -23,6 +23,7 @@ from service.job_runner import Analyse, JobRunner
 from service.node_checks import Check, failing, node_checks, ready
 from service.outbox import Outbox
 from service.private_files import tighten_var_dir
+from service.receiver_pool import ReceiverPool
 from service.retention import RetentionCleaner
 from service.spool import Spool, SpoolError, StoredInstance, parse_instance_name
 from service.state_db import StateDB
@@ -76,8 +77,13 @@ class Node:
         self.outbox = Outbox(self.db, config, tls_context=self._client_tls(), owner=self.owner)
         self.completion = CompletionWatcher(self.db, self.cards, config.settle_s, config.quiet_s,
                                             on_jobs=self._jobs_created)
+        self.receives = config.role in ("all", "receiver")  # DICOM in: listener and spool
+        self.works = config.role in ("all", "worker")  # completion, jobs, outbox, retention
+        processes = config.receiver_processes if self.receives else 1
         self.listener = DicomListener(config, self.spool, self._on_instance,
-                                      self._on_association_end, indexed=self.db.indexed_instance)
+                                      self._on_association_end, indexed=self.db.indexed_instance,
+                                      reuse_port=processes > 1)
+        self.receivers = ReceiverPool(self.owner, processes if self.receives else 1)
         self.retention = RetentionCleaner(self.db, config.spool_path, config.retention_hours)
         # any instance's new job, new delivery or ended association wakes the thread that waits for it
         self.db.subscribe("series", self.completion.wake.set)
@@ -91,25 +97,36 @@ class Node:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start_receiving(self) -> None:
-        self.spool.sweep_tmp()
-        # associations a process that is gone held (SQLite: any; PostgreSQL: this instance's)
-        self.db.end_associations_left_open(self.owner if self.db.shared else None, time.time())
-        self.reconcile_spool()
-        self.listener.start()
-        self.completion.start()
-        self.outbox.start()
-        self.retention.start()
+        """Start what this instance's role runs (all, receiver or worker), except the jobs."""
+        if self.receives:
+            self.spool.sweep_tmp()
+            # associations a process that is gone held (SQLite: any; PostgreSQL: this instance's)
+            self.db.end_associations_left_open(self.owner if self.db.shared else None, time.time())
+            self.reconcile_spool()
+            self.listener.start()
+            self.receivers.start()
+        if self.works:
+            self.completion.start()
+            self.outbox.start()
+            self.retention.start()
         threading.Thread(target=self._refresh_gauges, name="gauges", daemon=True).start()
-        log.info("DICOM listener %s on port %d; %d model(s): %s", self.config.ae_title,
-                 self.listener.port, len(self.cards), ", ".join(c.key for c in self.cards))
+        if self.receives:
+            log.info("DICOM listener %s on port %d (%d process(es)); %d model(s): %s",
+                     self.config.ae_title, self.listener.port, 1 + self.receivers.size,
+                     len(self.cards), ", ".join(c.key for c in self.cards))
+        log.info("role %s: %s", self.config.role, "receive" if not self.works else
+                 "work" if not self.receives else "receive and work")
 
     def start_jobs(self, analyse: Analyse) -> None:
+        if not self.works:
+            return
         self.runner = JobRunner(self.db, {c.key: c for c in self.cards}, analyse, self.config,
                                 self.owner, on_queued=self.outbox.wake.set)
         self.runner.start()
 
     def stop(self) -> None:
         self._metrics_stop.set()
+        self.receivers.stop()
         self.listener.stop()
         self.completion.stop()
         if self.runner:

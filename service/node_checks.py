@@ -31,11 +31,14 @@ class Check:
 
 
 def node_checks(node: Node) -> list[Check]:
-    """Every check, in the order of the data flow: receive, store, state, analyse, deliver."""
-    return [_dicom(node), _spool(node), _state_db(node), _models(node),
-            _thread("completion", node.completion, "series are not completed"),
-            _runner(node),
-            _thread("delivery", node.outbox, "results are not delivered")]
+    """Every check of what this instance's role runs, in the order of the data flow: receive,
+    store, state, analyse, deliver (a receiver has no job runner, a worker no listener)."""
+    checks = [_dicom(node)] if node.receives else []
+    checks += [_spool(node), _state_db(node)]
+    if node.works:
+        checks += [_models(node), _thread("completion", node.completion, "series are not completed"),
+                   _runner(node), _thread("delivery", node.outbox, "results are not delivered")]
+    return checks
 
 
 def ready(checks: list[Check]) -> bool:
@@ -57,9 +60,14 @@ def failing(checks: list[Check]) -> str:
 
 
 def _dicom(node: Node) -> Check:
-    if node.listener.serving():
-        return Check("dicom", True, f"accepting associations on port {node.listener.port}", True)
-    return Check("dicom", False, "the DICOM listener does not accept associations", True)
+    if not node.listener.serving():
+        return Check("dicom", False, "the DICOM listener does not accept associations", True)
+    pool = node.receivers
+    if pool.running() < pool.size:  # not a liveness failure: the pool starts it again
+        return Check("dicom", False, f"{pool.size - pool.running()} of {pool.size + 1} receiver "
+                                     "processes are not running (restarting)")
+    return Check("dicom", True, f"accepting associations on port {node.listener.port} "
+                                f"({pool.size + 1} process(es))", True)
 
 
 def _spool(node: Node) -> Check:

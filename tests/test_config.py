@@ -45,3 +45,22 @@ def test_bad_network_in_allow_list(tmp_path):
     path.write_text("allow: [{ae_title: X, network: 'not-a-net'}]\n")
     with pytest.raises(ConfigError, match="CIDR"):
         load_config(path, env={})
+
+
+def test_scale_keys_receivers_roles_and_model_services(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pg = {"BEFUND_DATABASE_URL": "postgresql://befund@db/befund"}
+    assert load_config(env={}).receiver_processes == 1  # SQLite: one process receives
+    cfg = load_config(env={**pg, "BEFUND_ROLE": "worker",
+                           "BEFUND_MODEL_SERVICES": "http://gpu1:3000, http://gpu2:3000/"})
+    assert cfg.role == "worker" and cfg.model_services == ("http://gpu1:3000", "http://gpu2:3000")
+    assert cfg.receiver_processes >= 1  # PostgreSQL: one per usable core
+    assert load_config(env={**pg, "BEFUND_RECEIVE_WORKERS": "3"}).receiver_processes == 3
+    with pytest.raises(ConfigError, match="receive_workers above 1 needs database_url"):
+        load_config(env={"BEFUND_RECEIVE_WORKERS": "2"})
+    with pytest.raises(ConfigError, match="role receiver shares the work"):
+        load_config(env={"BEFUND_ROLE": "receiver"})
+    with pytest.raises(ConfigError, match="role must be one of"):
+        load_config(env={"BEFUND_ROLE": "gateway"})
+    with pytest.raises(ConfigError, match="is not an http"):
+        load_config(env={"BEFUND_MODEL_SERVICES": "file:///etc/passwd"})

@@ -2,11 +2,12 @@
 sends a "not analysed" SR when one can be made.
 
 One real node (`befund serve`, `job_max_attempts: 2`) and a storescp PACS serve the module.
-Real inputs break three stages: a slide without TotalPixelMatrixOriginSequence (SEG encoding,
-the security review's reproduction), a head CT whose birth date the SR encoder refuses (SR
-encoding; its "not analysed" SR is made from a reduced header), and a results folder that
-cannot be created (saving). The other stages are reached through the `fault_injection` test
-hook (service/job_failures.py), which the node accepts only with BEFUND_TESTING=1.
+Real inputs break two stages: a head CT whose birth date the SR encoder refuses (SR encoding;
+its "not analysed" SR is made from a reduced header), and a results folder that cannot be
+created (saving). The other stages, SEG encoding of a slide among them (a slide without
+TotalPixelMatrixOriginSequence, the security review's reproduction, is now encoded with the
+documented default origin: tests/test_wsi_seg.py), are reached through the `fault_injection`
+test hook (service/job_failures.py), which the node accepts only with BEFUND_TESTING=1.
 
 In-process, with the real state DB: a node that dies during a job on every start (a child
 process that SIGKILLs itself in the analysis) runs out of attempts, and an analysis longer
@@ -80,6 +81,7 @@ def inputs(tmp_path_factory) -> dict[str, tuple[list[Path], pydicom.Dataset]]:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, pacs, inputs):
     faults = {str(inputs[stage][1].SeriesInstanceUID): stage for stage in INJECTED}
+    faults[str(inputs["slide_without_origin"][1].SeriesInstanceUID)] = "encode_seg"
     with RunningNode(tmp_path_factory.mktemp("node"), pacs=f"PACS@127.0.0.1:{pacs.port}",
                      env={"BEFUND_TESTING": "1"}, job_max_attempts=MAX_ATTEMPTS,
                      fault_injection=faults) as n:
@@ -149,12 +151,12 @@ def test_a_failure_injected_into_a_stage_ends_as_not_analysed_with_stage_and_err
         assert study["deliveries"] == [] and "no delivery could be queued" in study["reason"]
 
 
-def test_a_slide_without_origin_fails_seg_encoding_and_its_not_analysed_sr_reaches_the_pacs(
+def test_a_slide_whose_seg_encoding_fails_gets_its_not_analysed_sr_at_the_pacs_and_no_seg(
         node, pacs, inputs):
     paths, header = inputs["slide_without_origin"]
     send(node, paths, *PROPOSE_JPEG)
     study, job = failed_study(node, header, "SEG encoding")
-    assert "TotalPixelMatrixOriginSequence" in job["last_error"], job
+    assert job["last_error"].startswith("InjectedFault: fault injected into SEG encoding"), job
     assert analysis_kept(node, job["id"]) == 1, "the slide was analysed again"
     not_analysed_sr_at_pacs(pacs, header.StudyInstanceUID, "SEG encoding")
     assert results_for_study(pacs.directory, header.StudyInstanceUID, "SEG") == []
