@@ -228,7 +228,12 @@ def summarise(rows: list[dict], min_volume_ml: float) -> dict:
 
 
 def write_card(card_path: Path, sha: str, threshold: float, validation: dict) -> None:
+    """Rewrite sha256, threshold and `validation:` (its `benchmark`, from benchmarks/ich_seg.py,
+    is kept)."""
     text = card_path.read_text()
+    old = (yaml.safe_load(text) or {}).get("validation") or {}
+    if "benchmark" in old:
+        validation = {**validation, "benchmark": old["benchmark"]}
     text = re.sub(r'(?m)^sha256: .*$', f'sha256: "{sha}"', text)
     text = re.sub(r'(?m)^  threshold: [0-9.]+', f"  threshold: {threshold}", text)
     head = text.split("\nvalidation:", 1)[0]
