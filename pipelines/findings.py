@@ -40,6 +40,7 @@ class AnalysisResult:
     # CT segmentation: {"rows", "columns", "slices": [{"sop_instance_uid", "runs"}]}, the
     # non-empty slices' masks run-length coded (pipelines.ct_volume.mask_to_runs)
     segmentation: dict[str, Any] | None = None
+    threshold_source: str = ""  # where `threshold` came from when not the card: a site's operating point
 
     def __post_init__(self) -> None:
         if not self.analysed and not self.reason:

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+# active: runs and delivers; shadow: runs on the same traffic, results kept but never delivered
+# or shown to readers; disabled: loaded nowhere (pipelines/model_lineup.py decides what runs)
+MODES = ("active", "shadow", "disabled")
 ACTIVATIONS = ("sigmoid", "softmax", "none")
 
 
@@ -208,9 +211,12 @@ class ModelCard:
     postprocessing: Postprocessing  # or a task's subclass of it
     finding: Finding
     manufacturer: str = "befund"
+    opset: int | None = None  # the ai.onnx opset the file was exported with (`befund model check`)
     validation: dict[str, Any] = field(default_factory=dict)
     validated_domain: ValidatedDomain | None = None
     calibration: Calibration | None = None
+    mode: str = "active"  # one of MODES
+    supersedes: str = ""  # the version of the same model this one replaces while both are active
 
     @property
     def model_path(self) -> Path:
@@ -448,12 +454,21 @@ def parse_card(data: dict[str, Any], folder: Path) -> ModelCard:
     site = fd.data.get("site")
     finding = Finding(code=_code(fd.sub("code")), site=_code(fd.sub("site")) if site else None)
 
+    mode = f.opt("mode", "active")
+    if mode not in MODES:
+        raise CardError(f"{f.where}.mode: {mode!r} is not one of {', '.join(MODES)}")
+    version = str(f.req("version"))
+    supersedes = str(f.opt("supersedes", ""))
+    if supersedes == version:
+        raise CardError(f"{f.where}.supersedes: {supersedes!r} is this card's own version; name the "
+                        "older version this one replaces")
+
     sha = f.req("sha256")
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise CardError(f"{f.where}.sha256: must be 64 lower-case hex digits")
     return ModelCard(
         name=f.req("name"),
-        version=str(f.req("version")),
+        version=version,
         task=task,
         description=f.opt("description", ""),
         intended_use=f.req("intended_use"),
@@ -467,10 +482,13 @@ def parse_card(data: dict[str, Any], folder: Path) -> ModelCard:
         postprocessing=post,
         finding=finding,
         manufacturer=f.opt("manufacturer", "befund"),
+        opset=f.opt("opset", None, int),
         validation=dict(f.opt("validation", {}, dict)),
         validated_domain=(_validated_domain(f.sub("validated_domain"))
                           if f.data.get("validated_domain") is not None else None),
         calibration=_calibration(f.sub("calibration")) if f.data.get("calibration") is not None else None,
+        mode=mode,
+        supersedes=supersedes,
     )
 
 
@@ -485,6 +503,11 @@ def load_card(folder: str | Path, verify: bool = True) -> ModelCard:
     except yaml.YAMLError as exc:
         raise CardError(f"{path}: not valid YAML: {exc}") from exc
     card = parse_card(data, folder)
+    from pipelines.card_fields import unknown_fields  # imported here: it imports this module
+
+    unknown = unknown_fields(data, card)
+    if unknown:  # a misspelt `mode:` or `treshold:` must not leave a model on its defaults
+        raise CardError(f"{path}: unknown key(s): {'; '.join(unknown)}")
     if verify:
         card.verify_file()
     return card
@@ -502,24 +525,14 @@ def load_cards(models_dir: str | Path, verify: bool = True) -> list[ModelCard]:
 
 
 def usable_cards(models_dir: str | Path) -> tuple[list[ModelCard], dict[str, str]]:
-    """The cards that load, and for each folder that does not, why.
+    """The cards that run (active and shadow), and for each folder refused, why.
 
     One broken model folder (a card with a typo, an ONNX file still being trained) must not
     stop the node from serving the models that are fine; the node logs and shows the errors.
+    Disabled and superseded cards are neither: pipelines/model_lineup.py lists them apart, and
+    raises LineupError for two active versions of one model.
     """
-    root = Path(models_dir)
-    cards: list[ModelCard] = []
-    errors: dict[str, str] = {}
-    if not root.is_dir():
-        return cards, {str(root): "models folder does not exist"}
-    for folder in sorted(p for p in root.iterdir() if (p / "card.yaml").is_file()):
-        try:
-            card = load_card(folder)
-        except CardError as exc:
-            errors[folder.name] = str(exc)
-            continue
-        if any(c.key == card.key for c in cards):
-            errors[folder.name] = f"{card.key} is already served by another folder"
-            continue
-        cards.append(card)
-    return cards, errors
+    from pipelines.model_lineup import model_lineup
+
+    lineup = model_lineup(models_dir)
+    return list(lineup.cards), dict(lineup.errors)

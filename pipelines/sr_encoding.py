@@ -178,7 +178,10 @@ class Verdict:
 def algorithm_parameters(card: ModelCard, result: AnalysisResult) -> list[str]:
     """TID 4019 Algorithm Parameters: what decides the verdict, as 'key=value' strings."""
     threshold = result.threshold if result.threshold is not None else card.postprocessing.threshold
-    return [f"threshold={threshold:g}", f"aggregation={card.postprocessing.aggregation}"]
+    parameters = [f"threshold={threshold:g}", f"aggregation={card.postprocessing.aggregation}"]
+    if result.threshold_source:  # a site's operating point, not the card's threshold
+        parameters.append(f"threshold_source={result.threshold_source}")
+    return parameters
 
 
 def measurements_of(result: AnalysisResult) -> list[Measurement]:

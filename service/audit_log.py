@@ -24,10 +24,11 @@ from service.state_db import StateDB
 ACTIONS = frozenset({
     "view_worklist", "view_study", "view_key_image", "acknowledge", "dismiss", "run_study",
     "resend_delivery", "discard_delivery", "view_deliveries", "view_config", "view_audit",
-    "export_audit", "sign_in", "sign_out", "sign_in_refused",
+    "export_audit", "sign_in", "sign_out", "sign_in_refused", "view_shadow", "view_shadow_report",
 })
 # Repeated views within the window are one entry; acts (acknowledge, resend, ...) always count.
-VIEWS = frozenset({"view_worklist", "view_study", "view_key_image", "view_deliveries"})
+VIEWS = frozenset({"view_worklist", "view_study", "view_key_image", "view_deliveries",
+                   "view_shadow", "view_shadow_report"})
 MAX_ROWS = 10_000  # one answer of GET /audit; the export pages through everything
 COLUMNS = ("id", "at", "user", "role", "action", "study_uid", "detail", "address")
 _SELECTED = ", ".join(f'"{c}"' for c in COLUMNS)  # quoted: PostgreSQL reserves `user`

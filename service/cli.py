@@ -7,6 +7,8 @@
     befund status [--config befund.yaml]   (exit 0 ready, 1 not ready, 2 no answer)
     befund user add NAME --role radiologist|admin|ml [--password-stdin]
     befund user list | befund user disable NAME
+    befund model check|bench|evaluate DIR ...   (befund model --help)
+    befund model shadow-report NAME [--since 7d]
 """
 
 from __future__ import annotations
@@ -85,12 +87,33 @@ def startup_lines(config: Config, http_host: str, var_dir: str) -> list[str]:
     return lines
 
 
+def check_models(config: Config) -> None:
+    """Refuse to start (ValueError, with the message) when the model cards cannot run together
+    (pipelines/model_lineup.py) or `site_thresholds` names a model no card under models_dir
+    has; print what is not run and why."""
+    from pipelines.model_lineup import model_lineup
+    from service.site_thresholds import unknown_models
+
+    lineup = model_lineup(config.models_dir)
+    for folder, why in lineup.retired.items():
+        print(f"befund: model {folder} not run: {why}", flush=True)
+    for card in lineup.cards:
+        if card.mode == "shadow":
+            print(f"befund: model {card.key} runs in shadow mode (kept, never delivered)", flush=True)
+    known = lineup.known_keys()
+    missing = unknown_models(config.site_thresholds, known)
+    if missing:
+        raise ValueError(f"site_thresholds: {', '.join(missing)} names no model under "
+                         f"{config.models_dir} (known: {', '.join(sorted(known)) or 'none'})")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.private_files import keep_files_private
 
     if args.role:
         os.environ["BEFUND_ROLE"] = args.role  # the workers read the role from the config
     config = _config(args)  # fail here, with the message, not inside a worker
+    check_models(config)  # two active versions of a model, thresholds for no model: the same
     keep_files_private()  # inherited by BentoML's arbiter and every worker (patient data)
     busy = ports_in_use(config, args.host)
     if busy:
@@ -141,6 +164,12 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         paths = write_wsi_slide(out, width=args.width, height=args.height, tumor=args.tumor,
                                 seed=args.seed, tiling=args.tiling, codec=args.codec,
                                 label=args.label, overview=args.overview)
+    from phantoms.ground_truth import write_truth
+
+    if args.kind == "ct":  # the truth beside the files: `befund model evaluate` reads it
+        write_truth(out, "ct", finding=args.finding, slices=args.slices, seed=args.seed)
+    else:
+        write_truth(out, "wsi", tumor=args.tumor, seed=args.seed, width=args.width, height=args.height)
     print(f"wrote {len(paths)} instance(s) to {out}")
     return 0
 
@@ -328,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--replace", action="store_true", help="set a new role and password for an existing user")
     us.add_argument("--config", help=config_help)
     us.set_defaults(func=cmd_user)
+
+    from service.model_tools.commands import add_model_parser
+    from service.shadow_report_cli import add_shadow_report_parser
+
+    # `befund model shadow-report` joins through `extra` (its parser lives with the shadow report)
+    add_model_parser(sub, _Help, extra=[add_shadow_report_parser])
     return p
 
 

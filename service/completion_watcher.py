@@ -109,7 +109,7 @@ class CompletionWatcher:
             return RunAnswer(uid, True, "completed now")
         latest = {(j.model_name, j.model_version): j for j in self.db.runs_of(uid)}
         for job in latest.values():
-            if job.state in JOB_ACTIVE:
+            if job.state in JOB_ACTIVE and not job.shadow:  # a shadow run waiting blocks nothing
                 return RunAnswer(uid, False, f"run {job.run} ({job.model_name} "
                                              f"{job.model_version}) is already {job.state}")
         lasts = [latest.get((c.name, c.version)) for c in route.cards]
@@ -137,14 +137,15 @@ class CompletionWatcher:
             state, reason = "ignored", route.reason
         else:
             state, reason = "no_model", route.reason
-        planned = [PlannedJob(c.name, c.version, job_priority(c)) for c in route.cards]
+        planned = [PlannedJob(c.name, c.version, job_priority(c), c.mode) for c in route.cards]
         created = self.db.complete_series(uid, revision, signal, now, planned, state, reason)
         if created is None:
             return 0
         metrics.SERIES_COMPLETED.labels(signal).inc()
         for job_id, job in created:
-            log.info("series %s complete (%s, %d instances): job %s for %s@%s", uid, signal, count,
-                     job_id, job.model_name, job.model_version)
+            log.info("series %s complete (%s, %d instances): job %s for %s@%s%s", uid, signal, count,
+                     job_id, job.model_name, job.model_version,
+                     " (shadow)" if job.mode == "shadow" else "")
         if state == "no_model":
             log.info("series %s complete (%s): %s", uid, signal, reason)
         return len(created)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from service.delivery_rules import DeliveryRule, check_rules, parse_rule
+from service.site_thresholds import SiteThresholds, parse_site_thresholds
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, no control
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # also a folder name in the spool
@@ -131,6 +132,8 @@ class Config:
     allow: tuple[AllowRule, ...] = (AllowRule("*", "127.0.0.0/8"), AllowRule("*", "::1/128"))
     destinations: tuple[Destination, ...] = ()
     delivery_rules: tuple[DeliveryRule, ...] = ()  # who gets which results (service/delivery_rules.py)
+    # a model's threshold per sending site (calling AE, institution): service/site_thresholds.py
+    site_thresholds: tuple[SiteThresholds, ...] = ()
     settle_s: float = 2.0
     quiet_s: float = 30.0
     max_associations: int = 32
@@ -244,6 +247,11 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 kwargs[key] = tuple(parse_rule(v) for v in value or ())
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
+        elif key == "site_thresholds":
+            try:
+                kwargs[key] = parse_site_thresholds(value)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         elif key == "webhooks":
             kwargs[key] = tuple(str(v) for v in value or ())
         elif key == "task_modules":
@@ -337,7 +345,7 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     scalar = {f.name for f in dataclasses.fields(Config)} - set(_NESTED) - {
         "allow", "destinations", "webhooks", "fault_injection", "fault_delays", "delivery_rules",
-        "model_services"}
+        "model_services", "site_thresholds"}
     for name in scalar:
         key = ENV_PREFIX + name.upper()
         if key in env:

@@ -27,7 +27,12 @@ def dicom_files(folder: Path) -> list[Path]:
 
 def send_folder(folder: Path, dest: Destination, calling_ae: str = "BEFUNDSCU",
                 progress: bool = True, timeout_s: float = 60.0) -> tuple[int, list[tuple[Path, str]]]:
-    files = dicom_files(folder)
+    return send_files(dicom_files(folder), dest, calling_ae, progress, timeout_s)
+
+
+def send_files(files: list[Path], dest: Destination, calling_ae: str = "BEFUNDSCU",
+               progress: bool = True, timeout_s: float = 60.0) -> tuple[int, list[tuple[Path, str]]]:
+    """C-STORE `files` in one association: (instances accepted, [(file, why not)])."""
     contexts: dict[str, set[str]] = defaultdict(set)
     readable: list[Path] = []
     failed: list[tuple[Path, str]] = []

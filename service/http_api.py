@@ -51,10 +51,11 @@ def sorted_study_rows() -> list[dict]:
     return sorted(rows, key=worklist_order)
 
 
-def reader_detail(study_uid: str) -> dict | None:
-    """One study with its series, jobs and deliveries, in the reader's words."""
+def reader_detail(study_uid: str, with_shadow: bool = False) -> dict | None:
+    """One study with its series, jobs and deliveries, in the reader's words; shadow models'
+    jobs only `with_shadow` (for those who may see them, never on the reader's page)."""
     node = current_node()
-    detail = study_detail(node.db, study_uid, node.config.settle_s)
+    detail = study_detail(node.db, study_uid, node.config.settle_s, with_shadow)
     if detail is not None:
         from service.worklist_source import NodeWorklistSource
 
@@ -83,7 +84,8 @@ async def get_study(request: Request) -> PatientJSON:
     uid = _uid(request)
     if uid is None:
         return PatientJSON({"error": "not a valid DICOM UID"}, status_code=400)
-    detail = reader_detail(uid)
+    who = principal(request)
+    detail = reader_detail(uid, with_shadow=who is not None and who.may("shadow"))
     if detail is None:
         return PatientJSON({"error": f"study {uid} is not known here"}, status_code=404)
     record(request, "view_study", uid)
@@ -165,10 +167,12 @@ async def list_models(request: Request) -> PatientJSON:
     node = current_node()
     return PatientJSON({
         "models": [{"key": c.key, "name": c.name, "version": c.version, "task": c.task,
+                    "mode": c.mode, "supersedes": c.supersedes,
                     "intended_use": c.intended_use, "validation": c.validation}
                    for c in node.cards],
         "refused": [{"folder": folder, "error": error}
-                    for folder, error in node.card_errors.items()]})
+                    for folder, error in node.card_errors.items()],
+        "not_run": [{"folder": folder, "reason": why} for folder, why in node.retired.items()]})
 
 
 async def node_status(request: Request) -> PatientJSON:
@@ -258,9 +262,11 @@ class _LazyTokenGate:
 
 def build_app() -> Starlette:
     from service.admin_api import ADMIN_ROUTES
+    from service.shadow_api import SHADOW_ROUTES
     from service.worklist_page import worklist_routes
     from service.worklist_source import NodeWorklistSource
 
-    app = Starlette(routes=API_ROUTES + ADMIN_ROUTES + worklist_routes(NodeWorklistSource()))
+    app = Starlette(routes=API_ROUTES + ADMIN_ROUTES + SHADOW_ROUTES
+                    + worklist_routes(NodeWorklistSource()))
     app.add_middleware(_LazyTokenGate)
     return app

@@ -140,8 +140,8 @@ class JobRunner:
         job = attempt.job
         key = job.key
         card = self.cards.get(key)
-        log.info("job %s: %s on series %s run %s (attempt %s)", job.id, key,
-                 job.series_uid, job.run, job.attempts)
+        log.info("job %s: %s%s on series %s run %s (attempt %s)", job.id, key,
+                 " (shadow)" if job.shadow else "", job.series_uid, job.run, job.attempts)
         if card is None:
             result = AnalysisResult.not_analysed(f"model {key} is no longer installed")
             self._finish(attempt, None, result, "failed", result.reason)
@@ -154,7 +154,7 @@ class JobRunner:
                 f"the complete series to analyse it. {self._earlier_verdict(job)}")
             self._finish(attempt, card, result, "not_analysed", result.reason)
             return
-        result = self._analysis(attempt, key, card)
+        result = self._at_site_threshold(job, card, self._analysis(attempt, key, card))
         state = "done" if result.analysed else "not_analysed"
         self._finish(attempt, card, result, state, "" if result.analysed else result.reason)
 
@@ -180,6 +180,25 @@ class JobRunner:
         metrics.STAGE_SECONDS.labels(card.name, "model_service").observe(time.time() - started)
         self.db.keep_job_analysis(job.id, result.to_dict())
         return result
+
+    def _at_site_threshold(self, job: Job, card: ModelCard, result: AnalysisResult) -> AnalysisResult:
+        """The verdict at the sending site's operating point, when the config names one
+        (service/site_thresholds.py); else the card's, unchanged."""
+        from pipelines.operating_point import at_threshold
+        from service.site_thresholds import CARD, operating_point, sending_site, wants_institution
+
+        rules = self.config.site_thresholds
+        if not rules or not result.analysed:
+            return result
+        ae, institution = sending_site(self.db, job.series_uid,
+                                       wants_institution(rules, card.name, card.version))
+        point = operating_point(rules, card.name, card.version, card.postprocessing.threshold,
+                                ae, institution)
+        if point.source == CARD:
+            return result
+        log.info("job %s: threshold %g (%s) instead of the card's %g", job.id, point.threshold,
+                 point.source, card.postprocessing.threshold)
+        return at_threshold(result, card, point.threshold, point.source)
 
     def _earlier_verdict(self, job: Job) -> str:
         """What the last analysed run of this series and model said, for the reader of a reason."""
@@ -216,6 +235,8 @@ class JobRunner:
     def _count(self, job: Job, card: ModelCard | None, result: AnalysisResult,
                state: str, encode_s: float) -> None:
         name = card.name if card else job.model_name
+        if job.shadow:  # a shadow version's verdicts must not count as the model's flags
+            name += ":shadow"
         metrics.STAGE_SECONDS.labels(name, "encode").observe(encode_s)
         metrics.JOB_OUTCOMES.labels(name, state).inc()
         verdict = ("present" if result.present else "absent") if result.analysed else "not_analysed"
@@ -235,6 +256,8 @@ class JobRunner:
         self._enter(attempt, Stage.DELIVERIES)
         job = attempt.job
         out: list[tuple[str, str, dict]] = []
+        if job.shadow:  # kept in the state DB and under results/, never sent anywhere
+            return out
         if files:
             facts = job_facts(self.db, job, result.analysed, result.present)
             for dest in destinations_for(self.config.destinations, self.config.delivery_rules, facts):

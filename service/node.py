@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from pipelines.model_card import ModelCard, usable_cards
+from pipelines.model_card import ModelCard
+from pipelines.model_lineup import model_lineup
 from service import metrics
 from service.completion_watcher import CompletionWatcher, RunAnswer
 from service.config import Config
@@ -62,10 +63,18 @@ class Node:
         tighten_var_dir(config.var_path)
         self.token = load_or_create_token(config)
         self.card_errors: dict[str, str] = {}
+        self.retired: dict[str, str] = {}  # disabled or superseded cards: not run, by design
         if cards is None:
-            cards, self.card_errors = usable_cards(config.models_dir)
+            lineup = model_lineup(config.models_dir)  # two active versions of a model: refused
+            cards, self.card_errors, self.retired = list(lineup.cards), lineup.errors, lineup.retired
             for folder, error in self.card_errors.items():
                 log.error("model %s not loaded: %s", folder, error)
+            for folder, why in self.retired.items():
+                log.info("model %s not run: %s", folder, why)
+            from service.site_thresholds import unknown_models
+
+            for model in unknown_models(config.site_thresholds, lineup.known_keys()):
+                log.warning("site_thresholds: %s names no model card; its thresholds apply nowhere", model)
         self.cards = cards
         self.db = StateDB(config.database_url or config.db_path, instance_id=self.owner,
                           pool_size=config.database_pool_size, timeout_s=config.database_timeout_s)
@@ -112,8 +121,8 @@ class Node:
         threading.Thread(target=self._refresh_gauges, name="gauges", daemon=True).start()
         if self.receives:
             log.info("DICOM listener %s on port %d (%d process(es)); %d model(s): %s",
-                     self.config.ae_title, self.listener.port, 1 + self.receivers.size,
-                     len(self.cards), ", ".join(c.key for c in self.cards))
+                     self.config.ae_title, self.listener.port, 1 + self.receivers.size, len(self.cards),
+                     ", ".join(c.key + (" (shadow)" if c.mode == "shadow" else "") for c in self.cards))
         log.info("role %s: %s", self.config.role, "receive" if not self.works else
                  "work" if not self.receives else "receive and work")
 

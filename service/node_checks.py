@@ -96,7 +96,8 @@ def _models(node: Node) -> Check:
     refused = "".join(f"; {folder} refused: {error}" for folder, error in node.card_errors.items())
     if not node.cards:
         return Check("models", False, "no model is loaded, so nothing can be analysed" + refused)
-    return Check("models", True, ", ".join(c.key for c in node.cards) + refused)
+    return Check("models", True, ", ".join(c.key + (" (shadow)" if c.mode == "shadow" else "")
+                                           for c in node.cards) + refused)
 
 
 def _runner(node: Node) -> Check:

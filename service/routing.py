@@ -54,5 +54,10 @@ def route_series(series: Series, cards: list[ModelCard]) -> Route:
     return Route((), f"no model takes this series ({summary}): " + "; ".join(reasons))
 
 
+SHADOW_PRIORITY_OFFSET = -100  # below every active job: a shadow run never delays a delivered result
+
+
 def job_priority(card: ModelCard) -> int:
-    return PRIORITY.get(card.postprocessing.priority_when_positive, 0)
+    """The job's place in the queue (higher first); shadow versions wait for the active ones."""
+    priority = PRIORITY.get(card.postprocessing.priority_when_positive, 0)
+    return priority + (SHADOW_PRIORITY_OFFSET if card.mode == "shadow" else 0)

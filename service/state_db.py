@@ -6,6 +6,7 @@ from service.state import (
     Delivery,
     DeliveryState,
     Job,
+    JobMode,
     JobState,
     PlannedJob,
     Series,
@@ -14,5 +15,6 @@ from service.state import (
     is_postgres_url,
 )
 
-__all__ = ["JOB_ACTIVE", "JOB_FINAL", "Delivery", "DeliveryState", "Job", "JobState", "PlannedJob",
+__all__ = ["JOB_ACTIVE", "JOB_FINAL", "Delivery", "DeliveryState", "Job", "JobMode", "JobState",
+           "PlannedJob",
            "Series", "SeriesState", "StateDB", "is_postgres_url"]

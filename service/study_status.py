@@ -2,6 +2,10 @@
 
 States: receiving, waiting, running, done, delivered, not analysed (with reason), delivery
 failed. A study never shows as negative unless a model analysed it and said so.
+
+Only active models' jobs make a study's state and verdict: a shadow job (a model version run
+for comparison, pipelines/model_lineup.py) never flags, never shows as running or not
+analysed, and is listed among the study's jobs only for those who may see shadow results.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ def _latest_jobs(jobs: list[Job]) -> list[Job]:
 def lead_job(all_jobs: list[Job]) -> Job | None:
     """The run whose verdict the worklist shows for a study: among the newest run per series
     and model (an earlier run superseded by a later one never leads) and the positives that
-    still stand, a positive outranks negatives, then the higher certainty."""
+    still stand, a positive outranks negatives, then the higher certainty. Shadow jobs never lead."""
+    all_jobs = reader_jobs(all_jobs)
     jobs = _latest_jobs(all_jobs)
     analysed = [j for j in jobs if j.state is JobState.DONE and _result(j).get("present") is not None]
     analysed += _standing_positives(all_jobs, jobs)
@@ -60,6 +65,11 @@ def lead_job(all_jobs: list[Job]) -> Job | None:
         return max(analysed, key=lambda j: (bool(_result(j).get("present")),
                                             _result(j).get("certainty") or 0))
     return max(jobs, key=lambda j: j.id) if jobs else None
+
+
+def reader_jobs(jobs: list[Job]) -> list[Job]:
+    """The jobs whose results readers see: those of active models, never shadow ones."""
+    return [j for j in jobs if not j.shadow]
 
 
 def _result(job: Job) -> dict[str, Any]:
@@ -75,6 +85,8 @@ def job_view(job: Job) -> dict[str, Any]:
         "stage": Stage.stored(job.stage).label if job.stage else "",
         "present": result.get("present"), "certainty": result.get("certainty"),
         "score": result.get("score"), "threshold": result.get("threshold"),
+        "threshold_source": result.get("threshold_source") or ("card" if result.get("threshold") else ""),
+        "mode": str(job.mode),
         "reason": result.get("reason") or "", "finding": result.get("finding"),
         "priority": result.get("priority") or "normal",
         "measurements": result.get("measurements") or {},
@@ -116,7 +128,9 @@ def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
     now = time.time() if now is None else now
     uid = study["study_uid"]
     series = db.series_of(uid)
-    all_jobs = db.jobs_of(uid)
+    every_job = db.jobs_of(uid)
+    shadow_only = {j.series_uid for j in every_job if j.shadow}
+    all_jobs = reader_jobs(every_job)
     jobs = _latest_jobs(all_jobs)
     deliveries = db.deliveries_of(uid)
     states: list[tuple[str, str]] = []
@@ -126,6 +140,9 @@ def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
             states.append(("receiving" if recent else "waiting", ""))
         elif s.state is SeriesState.NO_MODEL and not any(j.series_uid == s.series_uid for j in jobs):
             states.append(("not analysed", s.reason))
+        elif s.series_uid in shadow_only and not any(j.series_uid == s.series_uid for j in jobs):
+            states.append(("not analysed", "no active model takes this series (only a model in "
+                                           "shadow mode runs on it; its results are not shown)"))
     states.extend(_job_state(j, deliveries) for j in jobs)
     if not states:
         states = [("not analysed", "no image series in this study")]
@@ -157,7 +174,9 @@ def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
     }
 
 
-def study_detail(db: StateDB, study_uid: str, settle_s: float) -> dict[str, Any] | None:
+def study_detail(db: StateDB, study_uid: str, settle_s: float,
+                 with_shadow: bool = False) -> dict[str, Any] | None:
+    """The study's row with its series, jobs and deliveries; shadow jobs only `with_shadow`."""
     study = db.study(study_uid)
     if study is None:
         return None
@@ -168,7 +187,7 @@ def study_detail(db: StateDB, study_uid: str, settle_s: float) -> dict[str, Any]
          "instance_count": s.instance_count, "state": str(s.state), "reason": s.reason,
          "completed_by": s.completed_by}
         for s in db.series_of(study_uid)]
-    jobs = db.jobs_of(study_uid)
+    jobs = db.jobs_of(study_uid) if with_shadow else reader_jobs(db.jobs_of(study_uid))
     row["jobs"] = [{**job_view(j), "superseded_by_run": _superseded_by(j, jobs)} for j in jobs]
     row["deliveries"] = [delivery_view(d) for d in db.deliveries_of(study_uid)]
     return row

@@ -4,7 +4,9 @@ Who may do what is one table (`PERMISSIONS`), read by the HTTP API and the workl
 
 - `radiologist`: read the worklist and acknowledge or dismiss a flag.
 - `admin`: read, resend and discard deliveries, run a study, view the config and the audit log.
-- `ml`: the model reports (`GET /models`) and the node's status; no patients' studies.
+- `ml`: the model reports (`GET /models`), the node's status, and the shadow view: shadow
+  models' results beside the active ones', by UID (`GET /shadow/studies`, the shadow report);
+  no patients' studies (no names, IDs or accession numbers).
 
 The node's API token stays for machines (`befund status`, scripts, a RIS): a Bearer request
 acts as the principal `api-token` with every permission. A browser signs in with a name and
@@ -32,9 +34,9 @@ ROLES = ("radiologist", "admin", "ml")
 PERMISSIONS: dict[str, frozenset[str]] = {
     "radiologist": frozenset({"read", "acknowledge"}),
     "admin": frozenset({"read", "resend", "discard", "run", "config", "audit"}),
-    "ml": frozenset({"models", "status"}),
+    "ml": frozenset({"models", "status", "shadow"}),
     "machine": frozenset({"read", "acknowledge", "resend", "discard", "run", "config", "audit",
-                          "models", "status"}),
+                          "models", "status", "shadow"}),
 }
 # Everyone signed in may read the node's status and the loaded models' cards.
 COMMON = frozenset({"status", "models"})

@@ -2,8 +2,10 @@
 
 `worklist_routes(store)` returns Starlette routes for the page (`/`), a study's detail page
 (`/view/{study_uid}`), its key images (`/studies/{study_uid}/key-image.png`, the first, and
-`/studies/{study_uid}/key-images/{n}.png`) and the CSS/JS in `service/static/`. Each page
-checks the role (service/users.py): the `ml` role sees no patients' studies. Opening a
+`/studies/{study_uid}/key-images/{n}.png`), the shadow view (`/shadow`: shadow models' results
+beside the active ones, by UID, for the `ml` role) and the CSS/JS in `service/static/`. Each
+page checks the role (service/users.py): the `ml` role sees no patients' studies, and the
+readers' pages never show a shadow model's result. Opening a
 study is written to the audit log (service/audit_log.py). The pages poll the HTTP API
 (`GET /studies`, `GET /studies/{uid}`) every 2 s, and `GET /status`, whose failing checks
 show as an alert above the list (a node that cannot receive or analyse must not look like a
@@ -53,6 +55,8 @@ class WorklistSource(Protocol):
     def study(self, study_uid: str) -> dict | None: ...
 
     def key_image_png(self, study_uid: str, index: int = 0) -> bytes | None: ...
+
+    def shadow_studies(self) -> list[dict]: ...
 
 
 def worklist_order(row: dict) -> tuple:
@@ -157,7 +161,24 @@ WORKLIST_BODY = """<section class="summary" aria-live="polite">
 """
 
 NO_STUDIES_BODY = """<p class="notice" id="role-notice">The {role} role does not see patients' studies.
-The loaded models and their validation figures are at <a href="/models">/models</a>.</p>
+The loaded models and their validation figures are at <a href="/models">/models</a>.{shadow}</p>
+"""
+SHADOW_LINK = """ Shadow models' results beside the active ones are on the
+<a href="/shadow">shadow view</a>."""
+
+SHADOW_BODY = """<section class="summary" aria-live="polite">
+ <span id="count-shadow" class="pill">0 shadow results</span>
+ <span id="count-disagree" class="pill pill-positive">0 disagree</span>
+ <span id="updated" class="updated"></span>
+</section>
+<p class="sub">Models in shadow mode run on the same series as the active version; their
+results are kept here and in the shadow report (<code>GET /models/NAME/shadow-report</code>),
+never delivered and never shown to radiologists. Studies are named by UID only.</p>
+<table class="grid" id="shadow-table"><thead><tr>
+ <th>Received</th><th>Study UID</th><th>Series UID</th><th>Model</th><th>Active</th><th>Shadow</th>
+ <th>Agree</th>
+</tr></thead><tbody id="shadow-rows"></tbody></table>
+<p id="empty" class="empty" hidden>No shadow results yet.</p>
 """
 
 DETAIL_BODY = """<p class="back"><a href="/">&larr; Worklist</a></p>
@@ -183,7 +204,8 @@ def worklist_routes(store: WorklistSource) -> list[BaseRoute]:
 
     def no_studies(request: Request) -> HTMLResponse:
         who = principal(request)
-        body = NO_STUDIES_BODY.format(role=html.escape(who.role if who else "anonymous"))
+        body = NO_STUDIES_BODY.format(role=html.escape(who.role if who else "anonymous"),
+                                      shadow=SHADOW_LINK if who is not None and who.may("shadow") else "")
         return _page(_shell("befund - AI worklist", "none", body, None, "", request), 403)
 
     async def worklist(request: Request) -> Response:
@@ -204,6 +226,15 @@ def worklist_routes(store: WorklistSource) -> list[BaseRoute]:
         record(request, "view_study", uid)
         return _page(_shell("befund - study", "detail", DETAIL_BODY, study, f"/studies/{uid}", request))
 
+    async def shadow(request: Request) -> Response:
+        who = principal(request)
+        if who is None or not who.may("shadow"):
+            return no_studies(request)
+        rows = store.shadow_studies()
+        record(request, "view_shadow", detail=f"{len(rows)} shadow results")
+        return _page(_shell("befund - shadow models", "shadow", SHADOW_BODY, {"rows": rows},
+                            "/shadow/studies", request))
+
     async def key_image(request: Request) -> Response:
         if not may_read(request):
             return Response(b"", status_code=403)
@@ -218,6 +249,7 @@ def worklist_routes(store: WorklistSource) -> list[BaseRoute]:
     return [
         Route("/", worklist, methods=["GET"], name="worklist"),
         Route("/view/{study_uid}", detail, methods=["GET"], name="study_view"),
+        Route("/shadow", shadow, methods=["GET"], name="shadow_view"),
         Route("/studies/{study_uid}/key-image.png", key_image, methods=["GET"], name="key_image"),
         Route("/studies/{study_uid}/key-images/{index:int}.png", key_image, methods=["GET"],
               name="key_images"),

@@ -54,6 +54,14 @@ class NodeWorklistSource:
 
         return reader_detail(study_uid)
 
+    def shadow_studies(self) -> list[dict]:
+        """The shadow view's rows (service/shadow_report.py), the last DEFAULT_DAYS days."""
+        import time
+
+        from service.shadow_report import parse_since, shadow_rows
+
+        return shadow_rows(current_node().db, parse_since(None, time.time()))
+
     def key_image_views(self, study_uid: str) -> list[dict]:
         """What the detail page shows of each key image: its URL and a line that says which."""
         node = current_node()

@@ -40,6 +40,9 @@ def test_reference_card_loads_and_says_it_is_trained_on_phantoms(ich):
     (lambda d: d["postprocessing"].update(aggregation="median"), "aggregation"),
     (lambda d: d.update(task="audio"), "task"),
     (lambda d: d.update(sha256="0" * 64), "sha256 of model.onnx"),
+    # a misspelt key would leave the model on a default (here: active instead of shadow)
+    (lambda d: d.update(mdoe="shadow"), "unknown key(s): mdoe (known in the card: "),
+    (lambda d: d["postprocessing"].update(treshold=0.2), "unknown key(s): postprocessing.treshold"),
 ])
 def test_bad_card_is_refused_naming_the_field(ich, change, message):
     edit(ich, change)

@@ -18,7 +18,9 @@ README = PROJECT / "README.md"
 
 def section_blocks() -> tuple[str, list[str]]:
     text = README.read_text()
-    section = text[text.index("### Calling a model directly"):text.index("## Benchmarks")]
+    start = text.index("### Calling a model directly")
+    end = text.index("\n## ", start)  # the next top-level section, whichever it is
+    section = text[start:end]
     return (re.search(r"```sh\n(.*?)```", section, re.S).group(1),
             re.findall(r"```python\n(.*?)```", section, re.S))
 

@@ -75,6 +75,10 @@ class CtSegmentation(CtSlices):
                 executor: Executor | None = None) -> AnalysisResult:
         return analyse_ct_segmentation(card, paths, infer, executor)
 
+    def output_shape(self, card: ModelCard) -> tuple[int, ...]:
+        """One logit per pixel of the input grid."""
+        return (-1, 1, card.preprocessing.size, card.preprocessing.size)
+
     def referenced_instances(self, result: AnalysisResult) -> list[str]:
         from pipelines.ct_seg_encoding import segmented_slices
 

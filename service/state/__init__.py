@@ -7,10 +7,11 @@ from service.state.rows import (
     Delivery,
     DeliveryState,
     Job,
+    JobMode,
     JobState,
     Series,
     SeriesState,
 )
 
-__all__ = ["JOB_ACTIVE", "JOB_FINAL", "Delivery", "DeliveryState", "Job", "JobState", "PlannedJob",
+__all__ = ["JOB_ACTIVE", "JOB_FINAL", "Delivery", "DeliveryState", "Job", "JobMode", "JobState", "PlannedJob",
            "Series", "SeriesState", "StateDB", "is_postgres_url"]

@@ -49,6 +49,7 @@ class PlannedJob:
     model_name: str
     model_version: str
     priority: int
+    mode: str = "active"  # the card's mode: "shadow" jobs run, and are never delivered
 
 
 def is_postgres_url(target: str | Path) -> bool:
@@ -331,7 +332,8 @@ class StateDB:
                 return None
             created = [(job_id, job) for job in planned
                        if (job_id := self._create_job(tx, Series.from_row(series), job.model_name,
-                                                      job.model_version, job.priority, at)) is not None]
+                                                      job.model_version, job.priority, at,
+                                                      job.mode)) is not None]
             tx.execute("""UPDATE series SET state=?, reason=?, ready_requested=0, completed_by=?,
                               completed_at=? WHERE series_uid=?""",
                        (state, reason, signal, at, series_uid))
@@ -340,18 +342,19 @@ class StateDB:
             return created
 
     def create_job_if_new(self, series: Series, model_name: str, model_version: str,
-                          priority: int, completed_at: float) -> int | None:
+                          priority: int, completed_at: float, mode: str = "active") -> int | None:
         """One job per series x model version x run; a new run only when the series changed
         since the last run (new instances, new versions, files back after retention, or a run
         asked for again: each raises the series' revision)."""
         with self.transaction() as tx:
-            job_id = self._create_job(tx, series, model_name, model_version, priority, completed_at)
+            job_id = self._create_job(tx, series, model_name, model_version, priority, completed_at,
+                                      mode)
             if job_id is not None:
                 tx.notify("jobs")
             return job_id
 
     def _create_job(self, tx: Tx, series: Series, model_name: str, model_version: str,
-                    priority: int, completed_at: float) -> int | None:
+                    priority: int, completed_at: float, mode: str = "active") -> int | None:
         last = tx.execute(
             """SELECT run, series_revision FROM jobs
                WHERE series_uid=? AND model_name=? AND model_version=?
@@ -365,10 +368,11 @@ class StateDB:
         row = tx.execute(
             """INSERT INTO jobs(series_uid, study_uid, model_name, model_version, run,
                    instance_count, priority, series_completed_at, series_revision,
-                   created_at, updated_at)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id""",
+                   created_at, updated_at, mode)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id""",
             (series.series_uid, series.study_uid, model_name, model_version, run,
-             series.instance_count, priority, completed_at, series.revision, now, now)).fetchone()
+             series.instance_count, priority, completed_at, series.revision, now, now,
+             mode)).fetchone()
         return int(row["id"])
 
     def runs_of(self, series_uid: str) -> list[Job]:
@@ -408,17 +412,28 @@ class StateDB:
                 tx.notify("jobs")
             return cur.rowcount
 
+    # A shadow job (a model version run for comparison only) runs in the node's idle time: while
+    # an active job runs or is due, another shadow job runs, or a series is still arriving (its
+    # active job comes next), it waits. On 2 cores a shadow run beside an active one made the
+    # active result up to 2x slower (benchmarks/shadow_cost.py).
+    _SHADOW_MAY_RUN = """(mode<>'shadow' OR NOT (
+        EXISTS (SELECT 1 FROM jobs o WHERE o.state='running' AND o.lease_until>=?
+                                      OR (o.state='queued' AND o.mode<>'shadow' AND o.next_attempt_at<=?))
+        OR EXISTS (SELECT 1 FROM series r WHERE r.state='receiving')))"""
+
     def lease_job(self, owner: str, lease_s: float) -> Job | None:
         """Take the next due job (highest priority first), or one whose lease expired; a job
-        another instance is taking at this moment is skipped, not waited for."""
+        another instance is taking at this moment is skipped, not waited for. A shadow job only
+        while nothing else runs, no active job is due and no series arrives (`_SHADOW_MAY_RUN`)."""
         now = time.time()
         with self.transaction() as tx:
             row = tx.execute(
                 f"""SELECT * FROM jobs
-                    WHERE (state='queued' AND next_attempt_at<=?)
-                       OR (state='running' AND lease_until<?)
+                    WHERE ((state='queued' AND next_attempt_at<=?)
+                           OR (state='running' AND lease_until<?))
+                      AND {self._SHADOW_MAY_RUN}
                     ORDER BY priority DESC, id LIMIT 1{self.backend.skip_locked}""",
-                (now, now)).fetchone()
+                (now, now, now, now)).fetchone()
             if row is None:
                 return None
             tx.execute(
@@ -429,10 +444,14 @@ class StateDB:
                                  "lease_until": now + lease_s, "attempts": row["attempts"] + 1})
 
     def next_job_at(self) -> float | None:
-        """When the next job falls due: a queued one's next attempt, or a lease's expiry."""
+        """When the next job falls due: a queued one's next attempt, or a lease's expiry. A
+        shadow job held back by `_SHADOW_MAY_RUN` is not due: the runner that finishes what
+        holds it back takes it next."""
+        now = time.time()
         row = self.query_one(
-            """SELECT MIN(CASE WHEN state='queued' THEN next_attempt_at ELSE lease_until END) AS t
-               FROM jobs WHERE state IN ('queued', 'running')""")
+            f"""SELECT MIN(CASE WHEN state='queued' THEN next_attempt_at ELSE lease_until END) AS t
+                FROM jobs WHERE state IN ('queued', 'running') AND {self._SHADOW_MAY_RUN}""",
+            (now, now))
         return row["t"] if row else None
 
     def renew_job_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
@@ -469,11 +488,16 @@ class StateDB:
         same job after a lease ran out) is one outbox row."""
         assert state in JOB_FINAL
         now = time.time()
+        present = result.get("present")
+        score = result.get("score")
         with self.transaction() as tx:
             tx.execute(
                 """UPDATE jobs SET state=?, result=?, last_error=?, lease_until=NULL,
-                       updated_at=?, finished_at=?, stage=?, analysis=NULL WHERE id=?""",
-                (state, json.dumps(result), error, now, now, stage, job_id))
+                       updated_at=?, finished_at=?, stage=?, analysis=NULL, present=?, score=?
+                   WHERE id=?""",
+                (state, json.dumps(result), error, now, now, stage,
+                 None if present is None else int(bool(present)),
+                 float(score) if isinstance(score, (int, float)) else None, job_id))
             for kind, destination, payload in deliveries:
                 tx.execute(
                     """INSERT INTO outbox(job_id, kind, destination, payload, created_at,

@@ -32,6 +32,13 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
+class JobMode(StrEnum):
+    """The mode of the model card a job was routed for (pipelines/model_lineup.py)."""
+
+    ACTIVE = "active"  # delivered and shown to readers
+    SHADOW = "shadow"  # kept and compared, never delivered, never a reader's flag
+
+
 class DeliveryState(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
@@ -113,6 +120,12 @@ class Job:
     finished_at: float | None = None
     stage: str = ""  # the stage the last attempt entered (service/job_failures.py)
     analysis: dict[str, Any] | None = None  # an earlier attempt's model result, kept for retries
+    mode: JobMode = JobMode.ACTIVE
+
+    @property
+    def shadow(self) -> bool:
+        """A shadow job: its result is never delivered nor a reader's flag."""
+        return self.mode is JobMode.SHADOW
 
     @property
     def key(self) -> str:
@@ -131,7 +144,7 @@ class Job:
             series_completed_at=row["series_completed_at"], series_revision=row["series_revision"],
             created_at=row["created_at"], updated_at=row["updated_at"],
             finished_at=row["finished_at"], stage=row["stage"] or "",
-            analysis=_json(row["analysis"], None))
+            analysis=_json(row["analysis"], None), mode=JobMode(row.get("mode") or "active"))
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (states as strings), for the HL7 and webhook messages."""

@@ -447,7 +447,8 @@
     root.appendChild(el("h2", {text: "Analyses"}));
     root.appendChild(jobs.length ? table(["Job", "Model", "Run", "State", "Attempts", "Finding", "Certainty",
       "Reason / last error", "Result at", "Timings"],
-    jobs.map((j) => [j.id, (j.model || "") + " " + (j.model_version || ""), j.run, stateText(j.state), j.attempts,
+    jobs.map((j) => [j.id, (j.model || "") + " " + (j.model_version || "") + (j.mode === "shadow" ? " (shadow, not delivered)" : ""),
+      j.run, stateText(j.state), j.attempts,
       yesNo(j.present), j.present === null ? "" : pct(j.certainty), j.reason || j.last_error || "",
       fmtAbs(j.finished_at), timings(j.timings)]))
       : el("p", {cls: "sub", text: "No analyses yet."}));
@@ -464,9 +465,35 @@
 
   // ---- polling -----------------------------------------------------------------------------------
 
+  // ---- the shadow view (ml role): shadow models' results beside the active ones, by UID --------
+
+  function verdictShort(side) {
+    if (!side) return "\u2014";
+    const v = side.present === true ? "positive" : side.present === false ? "negative" : stateText(side.state);
+    const score = side.score === null || side.score === undefined ? "" : " (" + Number(side.score).toFixed(2) + ")";
+    return side.version + ": " + v + score;
+  }
+
+  function renderShadow(data) {
+    const rows = (data && data.rows) || [];
+    const tbody = document.getElementById("shadow-rows");
+    clear(tbody);
+    for (const r of rows) {
+      const agree = r.agree === true ? "yes" : r.agree === false ? "NO" : "";
+      tbody.appendChild(el("tr", {cls: r.agree === false ? "is-positive" : ""}, [
+        el("td", {text: fmtAbs(r.created_at)}), el("td", {text: r.study_uid}), el("td", {text: r.series_uid}),
+        el("td", {text: r.model}), el("td", {text: verdictShort(r.active)}), el("td", {text: verdictShort(r.shadow)}),
+        el("td", {text: agree})]));
+    }
+    document.getElementById("count-shadow").textContent = rows.length + " shadow results";
+    document.getElementById("count-disagree").textContent = rows.filter((r) => r.agree === false).length + " disagree";
+    document.getElementById("empty").hidden = rows.length > 0;
+  }
+
   function render(data) {
     if (page === "worklist") renderWorklist(data);
     else if (page === "detail" && data) renderDetail(data);
+    else if (page === "shadow") renderShadow(data);
   }
 
   function setLive(ok, text) {
