@@ -13,7 +13,7 @@ APT_DEPS := dcmtk:/usr/bin/storescu dicom3tools:/usr/bin/dciodvfy orthanc:/usr/s
 # `python -m pip`: a copied venv's pip script would run the original venv's python.
 CHECKOUT := $(VENV)/.checkout-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint demo bench train-ich train-wsi bento system-deps clean
+.PHONY: install run test lint demo bench train-ich train-wsi train-seg bento system-deps clean
 
 install: $(BIN)/befund
 
@@ -74,6 +74,9 @@ train-ich: .train-venv/bin/python
 
 train-wsi: .train-venv/bin/python
 	PYTHONPATH=. .train-venv/bin/python models/tumor_wsi/train.py
+
+train-seg: .train-venv/bin/python
+	PYTHONPATH=. .train-venv/bin/python models/ich_seg/train.py
 
 bento: $(BIN)/befund
 	$(BIN)/bentoml build

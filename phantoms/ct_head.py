@@ -47,6 +47,7 @@ class CtPhantom:
     hu: np.ndarray  # (N, 512, 512) int16, inferior to superior
     z_mm: np.ndarray  # (N,) patient z of each slice
     bleed_area_mm2: np.ndarray  # (N,) area of the bleed in each slice
+    bleed_mask: np.ndarray  # (N, 512, 512) bool, True where a pixel is painted as blood
     calcification_area_mm2: np.ndarray  # (N,) area of calcification confounders in each slice
     pixel_spacing_mm: float
     slice_thickness_mm: float
@@ -256,6 +257,7 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
     zs = z_lo + spacing * np.arange(slices)
     hu = np.empty((slices, MATRIX, MATRIX), dtype=np.int16)
     area = np.zeros(slices)
+    bleed_mask = np.zeros((slices, MATRIX, MATRIX), dtype=bool)
     calc_area = np.zeros(slices)
     for k, z in enumerate(zs):
         rho = np.sqrt(q2 + (z / an.c) ** 2)
@@ -313,12 +315,13 @@ def make_ct_phantom(finding: str = "none", slices: int = 32, seed: int = 0) -> C
         if bleed is not None and abs(z - bleed.z0) < bleed.hz:
             mask = _bleed_mask(bleed, z, u, v, db, brain, g, dtheta, blob_angle, sylvian, cisterns, img)
             area[k] = float(mask.sum()) * sp * sp
+            bleed_mask[k][head] = mask
         full += noise_rng.standard_normal((MATRIX, MATRIX), dtype=np.float32) * an.noise
         hu[k] = np.clip(np.rint(full), HU_MIN, HU_MAX)
 
     x0 = float(-(MATRIX - 1) / 2 * sp)
     return CtPhantom(seed=seed, finding=finding, hu=hu, z_mm=zs + table_z, bleed_area_mm2=area,
-                     calcification_area_mm2=calc_area,
+                     bleed_mask=bleed_mask, calcification_area_mm2=calc_area,
                      pixel_spacing_mm=float(sp), slice_thickness_mm=thickness,
                      slice_spacing_mm=float(spacing), origin_xy_mm=(x0, x0), patient_sex=sex)
 

@@ -37,6 +37,9 @@ class AnalysisResult:
     measurements: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     heatmap: dict[str, Any] | None = None  # WSI: {"rows","cols","values" (row-major), ...}
+    # CT segmentation: {"rows", "columns", "slices": [{"sop_instance_uid", "runs"}]}, the
+    # non-empty slices' masks run-length coded (pipelines.ct_volume.mask_to_runs)
+    segmentation: dict[str, Any] | None = None
     threshold_source: str = ""  # where `threshold` came from when not the card: a site's operating point
 
     def __post_init__(self) -> None:

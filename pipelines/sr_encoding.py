@@ -17,6 +17,8 @@ Document tree (PS3.16 TID 1500 "Measurement Report"):
           Area (mm2) and other coded measurements           [when the pipeline gives them]
           Finding = Present | Absent | Indeterminate        (qualitative evaluation)
           Source of Measurement -> key images (with frame numbers for multi-frame images)
+        (or, for a segmentation, a Volumetric ROI group, TID 1411: the same rows less the
+         key images, plus the SEG segment the measurements were made on, as its region)
       CONTAINS         Qualitative Evaluations (TID 1500 row 12, added by hand)
         CODE <finding> = Present | Absent | Indeterminate
         TEXT Comment = one line a radiologist reads: "ich_ct 1.0.0: Intracranial hemorrhage
@@ -70,7 +72,7 @@ from highdicom.sr import (
 )
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, SegmentationStorage
 
 from pipelines import dicom_codes as dc
 from pipelines.findings import AnalysisResult, KeyImage
@@ -206,6 +208,7 @@ def build_result_sr(
     instance_number: int = 1,
     content_datetime: datetime | None = None,
     supersedes: ResultUids | None = None,
+    segment: hd.sr.ReferencedSegment | None = None,
 ) -> pydicom.Dataset:
     """The AIR Comprehensive 3D SR for one model's result on one series (or slide).
 
@@ -213,6 +216,8 @@ def build_result_sr(
     must include every key image. The SR joins the source's study in a new series.
     `supersedes`: the result UIDs of the earlier run of the same series and model, whose SR
     this one replaces (Predecessor Documents Sequence).
+    `segment`: the SEG segment the finding's measurements were made on; the group is then a
+    TID 1411 Volumetric ROI group with it as its region, instead of TID 1501.
     """
     headers = _checked_headers(source_headers)
     by_uid = {h.SOPInstanceUID: h for h in headers}
@@ -228,7 +233,7 @@ def build_result_sr(
 
     finding = dc.from_card(card.finding.code)
     verdict = Verdict.of(finding, result)
-    group = _measurement_group(card, result, verdict, refs, uids)
+    group = _measurement_group(card, result, verdict, refs, uids, segment)
     report = MeasurementReport(
         observation_context=_observation_context(card, headers[0]),
         procedure_reported=dc.PROCEDURE_BY_MODALITY.get(str(headers[0].get("Modality", "")),
@@ -245,6 +250,8 @@ def build_result_sr(
 
     when = content_datetime or datetime.now()
     evidence = _evidence(headers)
+    if segment is not None:  # the SEG is built after the SR: name it in the evidence by its UIDs
+        evidence.append(_segmentation_evidence(headers[0].StudyInstanceUID, uids))
     sr = Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -312,6 +319,16 @@ def _evidence(headers: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
     return [first, *headers[1:]]
 
 
+def _segmentation_evidence(study_uid: str, uids: ResultUids) -> pydicom.Dataset:
+    """What the Current Requested Procedure Evidence Sequence needs of the result's own SEG."""
+    seg = pydicom.Dataset()
+    seg.StudyInstanceUID = study_uid
+    seg.SeriesInstanceUID = uids.seg_series_uid
+    seg.SOPClassUID = SegmentationStorage
+    seg.SOPInstanceUID = uids.seg_sop_uid
+    return seg
+
+
 def _observation_context(card: ModelCard, header: pydicom.Dataset) -> ObservationContext:
     device = ObserverContext(
         observer_type=codes.cid270.Device,
@@ -343,7 +360,8 @@ def _specimen_context(header: pydicom.Dataset) -> SubjectContext | None:
 
 
 def _measurement_group(card: ModelCard, result: AnalysisResult, verdict: Verdict,
-                       refs: list[ImageReference], uids: ResultUids) -> MeasurementsAndQualitativeEvaluations:
+                       refs: list[ImageReference], uids: ResultUids,
+                       segment: hd.sr.ReferencedSegment | None = None) -> hd.sr.templates.Template:
     measurements = []
     if verdict.certainty_percent is not None:
         measurements.append(Measurement(name=dc.CERTAINTY_OF_FINDING, value=verdict.certainty_percent,
@@ -351,6 +369,18 @@ def _measurement_group(card: ModelCard, result: AnalysisResult, verdict: Verdict
     if verdict.analysed:
         measurements.extend(measurements_of(result))
     site = card.finding.site
+    if segment is not None:  # TID 1411: the measurements are of the referenced SEG segment
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=uids.tracking_uid, identifier=f"{card.name}: {verdict.finding.meaning}"[:64]),
+            referenced_segment=segment,
+            finding_type=verdict.finding,
+            finding_sites=[FindingSite(dc.from_card(site))] if site else None,
+            algorithm_id=AlgorithmIdentification(
+                name=card.name, version=card.version, parameters=algorithm_parameters(card, result)),
+            measurements=measurements or None,
+            qualitative_evaluations=[QualitativeEvaluation(dc.FINDING, verdict.value)],
+        )
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=uids.tracking_uid, identifier=f"{card.name}: {verdict.finding.meaning}"[:64]),

@@ -24,6 +24,10 @@ import yaml
 from tests.dicom_peers import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
+# The models a test node runs unless a test names others: the two reference models (links to
+# models/ich_ct and models/tumor_wsi), so that the suite's head CTs get one SR each; tests of
+# other models (tests/test_ich_seg.py) give their own models_dir.
+REFERENCE_MODELS = PROJECT / "tests" / "reference_models"
 BEFUND = Path(sys.executable).parent / "befund"
 TOKEN = "test-token-not-secret-0123456789abcdef"  # >= 32 characters, as the config demands
 
@@ -97,7 +101,7 @@ class RunningNode:
         self.config: dict[str, Any] = {
             "ae_title": "BEFUND", "dicom_host": "127.0.0.1", "dicom_port": self.dicom_port,
             "http_port": self.http_port, "var_dir": str(self.var),
-            "models_dir": os.environ.get("BEFUND_TEST_MODELS_DIR", str(PROJECT / "models")),
+            "models_dir": os.environ.get("BEFUND_TEST_MODELS_DIR", str(REFERENCE_MODELS)),
             "token": TOKEN,
             "settle_s": 1.0, "quiet_s": 20.0, "job_workers": 1,
             "delivery": {"initial_backoff_s": 0.5, "max_backoff_s": 2.0},

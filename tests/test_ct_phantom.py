@@ -117,3 +117,15 @@ def test_three_hundred_slices_are_written_quickly(tmp_path):
     paths = write_ct_series(tmp_path, "subdural", slices=300, seed=1)
     assert len(paths) == 300
     assert time.perf_counter() - t0 < 45
+
+
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_bleed_mask_is_the_painted_blood_and_matches_the_slice_areas(finding):
+    ph = make_ct_phantom(finding, slices=16, seed=5)
+    assert ph.bleed_mask.shape == ph.hu.shape and ph.bleed_mask.dtype == bool
+    area = ph.bleed_mask.sum(axis=(1, 2)) * ph.pixel_spacing_mm ** 2
+    np.testing.assert_allclose(area, ph.bleed_area_mm2)
+    if finding == "none":
+        assert not ph.bleed_mask.any()
+    else:
+        assert 45 < np.median(ph.hu[ph.bleed_mask]) < 100  # acute blood, with scanner noise

@@ -37,7 +37,7 @@ from service.config import Config, ConfigError, load_config
 from service.job_failures import describe_error
 from service.node import Node
 from tests.dicom_peers import have_dcmtk, run_storescu
-from tests.node_harness import PROJECT, RunningNode, poll
+from tests.node_harness import PROJECT, REFERENCE_MODELS, RunningNode, poll
 from tests.pacs_results import results_for_study
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
@@ -223,7 +223,7 @@ def test_an_error_text_keeps_type_and_words_but_no_patient_values():
 
 def in_process_node(var: Path, **config) -> Node:
     cfg = Config(dicom_host="127.0.0.1", dicom_port=0, var_dir=str(var), min_free_bytes=0,
-                 models_dir=str(PROJECT / "models"), token="t" * 32,
+                 models_dir=str(REFERENCE_MODELS), token="t" * 32,
                  destinations=(), **config)
     return Node(cfg)
 
@@ -261,7 +261,7 @@ def test_a_job_the_node_dies_in_on_every_start_ends_after_the_last_attempt(tmp_p
     var = tmp_path / "var"
     job_id, study_uid = queue_one_ct_job(var, tmp_path / "ct")
     for _ in range(MAX_ATTEMPTS):  # the node starts and dies in the job, twice
-        died = subprocess.run([sys.executable, "-c", DYING_NODE, str(var), str(PROJECT / "models")],
+        died = subprocess.run([sys.executable, "-c", DYING_NODE, str(var), str(REFERENCE_MODELS)],
                               cwd=PROJECT, capture_output=True, text=True, timeout=120)
         assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     node = in_process_node(var, job_max_attempts=MAX_ATTEMPTS)

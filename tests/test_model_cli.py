@@ -42,7 +42,7 @@ def fail_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("FAIL  ")]
 
 
-@pytest.mark.parametrize("model", ["ich_ct", "tumor_wsi"])
+@pytest.mark.parametrize("model", ["ich_ct", "tumor_wsi", "ich_seg"])
 def test_check_passes_on_the_reference_models(model, tmp_path, capsys):
     assert befund_model("check", str(ROOT / "models" / model), "--out", str(tmp_path / "r")) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from service import metrics
 from service.config import Config
 from service.node import Node
 from service.node_checks import alive, node_checks, ready, status
-from tests.node_harness import poll
+from tests.node_harness import REFERENCE_MODELS, poll
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def by_name(checks) -> dict:
 @pytest.fixture()
 def node(tmp_path):
     cfg = Config(dicom_host="127.0.0.1", dicom_port=0, var_dir=str(tmp_path / "var"), min_free_bytes=0,
-                 models_dir=str(PROJECT / "models"), token="t")
+                 models_dir=str(REFERENCE_MODELS), token="t")
     n = Node(cfg)
     n.start_receiving()
     yield n

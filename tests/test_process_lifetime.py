@@ -30,7 +30,7 @@ import pytest
 from phantoms.ct_head import write_ct_series
 from service.orthanc_launcher import ORTHANC
 from tests.dicom_peers import have_dcmtk, run_storescu
-from tests.node_harness import PROJECT, RunningNode, poll
+from tests.node_harness import PROJECT, REFERENCE_MODELS, RunningNode, poll
 
 pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="DCMTK is not installed")
 
@@ -188,7 +188,7 @@ DEMO_STARTER = textwrap.dedent("""
 
 @pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is not installed")
 def test_kill_9_of_the_demo_ends_orthanc_and_the_node(tmp_path):
-    models = os.environ.get("BEFUND_TEST_MODELS_DIR", str(PROJECT / "models"))
+    models = os.environ.get("BEFUND_TEST_MODELS_DIR", str(REFERENCE_MODELS))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
     starter = subprocess.Popen([sys.executable, "-c", DEMO_STARTER, str(tmp_path), models],
                                cwd=PROJECT, env=env, stdout=subprocess.PIPE, text=True,
@@ -224,7 +224,7 @@ def test_a_var_dir_left_open_by_an_older_node_keeps_working_and_is_closed(tmp_pa
         os.umask(old_umask)
     assert stat.S_IMODE(var.stat().st_mode) == 0o755
     node = Node(Config(dicom_host="127.0.0.1", dicom_port=0, var_dir=str(var), min_free_bytes=0,
-                       models_dir=str(PROJECT / "models")))
+                       models_dir=str(REFERENCE_MODELS)))
     try:
         node.start_receiving()
         assert node.token == "an-older-token-of-32-characters-x"

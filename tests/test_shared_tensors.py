@@ -23,7 +23,7 @@ from service.onnx_sessions import Predictor, build_session
 from service.shared_client import SharedInferClient, SharedInferError
 from service.shared_tensors import SHM_DIR, SharedBuffer, SharedTensor, SharedTensorReader, shared_tensor
 from tests.dicom_peers import free_port
-from tests.node_harness import PROJECT, poll, stop_bentoml
+from tests.node_harness import PROJECT, REFERENCE_MODELS, poll, stop_bentoml
 
 
 def test_round_trip_and_the_memory_is_freed():
@@ -83,7 +83,7 @@ def model_service(tmp_path_factory):
     var = tmp_path_factory.mktemp("models-var")
     (var / "spool").mkdir()
     port = free_port()
-    env = {**os.environ, "BEFUND_VAR_DIR": str(var), "BEFUND_MODELS_DIR": str(PROJECT / "models")}
+    env = {**os.environ, "BEFUND_VAR_DIR": str(var), "BEFUND_MODELS_DIR": str(REFERENCE_MODELS)}
     log = open(var / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "service.model_service:ModelService",

@@ -1,9 +1,10 @@
 """The task registry: a card's `task:` string -> the Task that handles it.
 
-The built-in tasks (`ct-slices`, `wsi-tiles`) register themselves when this registry is first
-asked. A task from outside befund is a module that calls `register(...)` when imported; the
-node imports the modules named by the config key `task_modules` at start, in every process
-that reads cards (service/config.py), so nothing in service/ names a task.
+The built-in tasks (`ct-slices`, `wsi-tiles`, `ct-segmentation`) register themselves when
+this registry is first asked. A task from outside befund is a module that calls
+`register(...)` when imported; the node imports the modules named by the config key
+`task_modules` at start, in every process that reads cards (service/config.py), so nothing
+in service/ names a task.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pipelines.model_card import CardError, ModelCard
 if TYPE_CHECKING:
     from pipelines.tasks.base import Task
 
-BUILTIN_MODULES = ("pipelines.tasks.ct_slices", "pipelines.tasks.wsi_tiles")
+BUILTIN_MODULES = ("pipelines.tasks.ct_slices", "pipelines.tasks.wsi_tiles",
+                   "pipelines.tasks.ct_segmentation")
 TASK_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 

@@ -101,6 +101,10 @@ class VerdictTask:
     def referenced_instances(self, result: AnalysisResult) -> list[str]:
         return [k.sop_instance_uid for k in result.key_images]
 
+    def output_shape(self, card: ModelCard) -> tuple[int, ...]:
+        """What the model returns for a batch (-1: the batch axis): one score per class."""
+        return (-1, len(card.output.classes))
+
     def build_sr(self, card: ModelCard, result: AnalysisResult, headers: Sequence[pydicom.Dataset],
                  uids: ResultUids, run: int, supersedes: ResultUids | None) -> pydicom.Dataset:
         from pipelines.sr_encoding import build_result_sr

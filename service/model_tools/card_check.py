@@ -149,6 +149,15 @@ def _check_input(report: CheckReport, card: ModelCard, session: Any) -> None:
                f"card input.dtype is {card.input.dtype} ({want_type}), the ONNX input is {got.type}")
 
 
+def output_shape(card: ModelCard) -> tuple[int, ...]:
+    """The output shape the card's task expects (-1 for the batch): (-1, classes) for a
+    classifier; a task may say otherwise (a segmentation: one logit per input pixel)."""
+    from pipelines.tasks import task_of
+
+    shape = getattr(task_of(card), "output_shape", None)
+    return tuple(shape(card)) if shape else (-1, len(card.output.classes))
+
+
 def _check_output(report: CheckReport, card: ModelCard, session: Any) -> None:
     outputs = {o.name: o for o in session.get_outputs()}
     got = outputs.get(card.output.name)
@@ -157,9 +166,10 @@ def _check_output(report: CheckReport, card: ModelCard, session: Any) -> None:
                    f"are {sorted(outputs)}")
         return
     report.add("output name", True, card.output.name)
-    want = (-1, len(card.output.classes))
+    want = output_shape(card)
     _check_shape(report, "output", want, got.shape,
-                 f" ({len(card.output.classes)} classes in output.classes)")
+                 f" ({len(card.output.classes)} classes in output.classes)" if len(want) == 2 else
+                 f" (what a {card.task} model returns)")
     report.add("output dtype", got.type == "tensor(float)",
                "float32" if got.type == "tensor(float)" else f"the ONNX output is {got.type}, befund "
                "reads float32 scores")
@@ -230,7 +240,7 @@ def _smoke(report: CheckReport, card: ModelCard, provider: str) -> None:
             report.add(name, False, f"inference on a ({batch}, {', '.join(map(str, card.input.shape[1:]))})"
                        f" batch failed: {exc}")
             return
-        want = (batch, len(card.output.classes))
+        want = (batch, *output_shape(card)[1:])
         if tuple(y.shape) != want:
             report.add(name, False, f"a batch of {batch} gave output shape {tuple(y.shape)}, expected {want}")
             return
