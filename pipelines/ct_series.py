@@ -138,6 +138,25 @@ def deshear(stack: np.ndarray, offsets_mm: np.ndarray, pixel_mm: tuple[float, fl
     return out
 
 
+def reshear_masks(masks: dict[int, np.ndarray], offsets_mm: np.ndarray,
+                  pixel_mm: tuple[float, float]) -> dict[int, np.ndarray]:
+    """`deshear`'s inverse for masks found on a deshorn stack: move each slice's mask back onto
+    the slice as stored (nearest neighbour), so that a SEG and a key image outline the pixels
+    the model saw, not pixels shifted by the tilt. `pixel_mm` is the masks' own spacing."""
+    from scipy import ndimage
+
+    shifts = np.asarray(offsets_mm, np.float64)[:, ::-1] / np.asarray(pixel_mm, np.float64)
+    if not len(shifts) or np.abs(shifts).max() < SHEAR_MIN_PX:
+        return masks
+    out = {}
+    for k, mask in masks.items():
+        dy, dx = shifts[k]
+        moved = ndimage.shift(mask.astype(np.uint8), (-dy, -dx), order=0, mode="constant", cval=0) > 0
+        if moved.any():
+            out[k] = moved
+    return out
+
+
 def read_header(path: str | Path) -> SliceHeader:
     """The header fields the stack checks need; refuses files that are not single-frame images."""
     path = str(path)

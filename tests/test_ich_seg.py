@@ -194,3 +194,30 @@ def test_head_ct_gets_triage_sr_and_seg_with_volume_in_the_same_orthanc_study(no
         pytest.approx(volume["value"], rel=1e-3)
     study = node.wait_study_state(study_uid, {"delivered"})
     assert {j["model"] for j in study["jobs"]} == {"ich_ct", "ich_seg"}
+
+
+def test_on_a_tilted_gantry_the_masks_lie_on_the_slices_as_stored(card, infer, tmp_path):
+    """The model segments the shear-corrected stack; the SEG and the key image outline the
+    slices as the scanner stored them, each image k x step rows lower than the first."""
+    from phantoms.ct_head import tilt_geometry
+
+    ph = make_ct_phantom("subdural", SLICES, HELD_OUT_SEED + 7)
+    step, _ = tilt_geometry(ph, 20.0)
+    assert step >= 2
+    paths = []
+    for k, ds in enumerate(series_from_phantom(ph, gantry_tilt_deg=20.0)):
+        paths.append(tmp_path / f"tilted-{k:03d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    result = task_of(card).analyse(card, paths, infer)
+    assert result.analysed and result.present, result.reason
+    index = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: k for k, p in enumerate(paths)}
+    seg = result.segmentation
+    mask = np.zeros(ph.hu.shape, dtype=bool)
+    for s in seg["slices"]:
+        mask[index[s["sop_instance_uid"]]] = runs_to_mask(s["runs"], seg["rows"], seg["columns"])
+    as_stored = np.zeros_like(ph.bleed_mask)
+    for k in range(len(ph.hu)):
+        shift = k * step
+        as_stored[k, shift:] = ph.bleed_mask[k, :ph.hu.shape[1] - shift]
+    assert dice(mask, as_stored) >= 0.8
+    assert dice(mask, as_stored) > dice(mask, ph.bleed_mask) + 0.1  # not on the upright slices

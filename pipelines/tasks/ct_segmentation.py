@@ -22,6 +22,7 @@ Postprocessing block:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -35,7 +36,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import SegmentationStorage
 
-from pipelines.ct_series import deshear, load_ct_series
+from pipelines.ct_series import deshear, load_ct_series, reshear_masks
 from pipelines.ct_volume import mask_to_runs, segment_stack, volume_ml, window_u8
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
 from pipelines.model_card import CardError, CardFields, ModelCard, Postprocessing
@@ -140,7 +141,10 @@ def analyse_ct_segmentation(card: ModelCard, paths: Sequence[str | Path], infer:
         return AnalysisResult.not_analysed(
             f"series {series.series_uid} not analysed: one slice has no thickness to measure a volume in",
             **timings)
-    volume = volume_ml(seg.voxels, series.pixel_spacing, gap)
+    volume = volume_ml(seg.voxels, series.pixel_spacing, gap)  # measured where the slices line up
+    if series.inplane_offsets_mm is not None:  # masks back onto the slices as stored: SEG, outline
+        seg = dataclasses.replace(seg, masks=reshear_masks(seg.masks, series.inplane_offsets_mm,
+                                                           series.pixel_spacing))
     present = volume >= post.min_volume_ml
     area = {k: int(m.sum()) for k, m in seg.masks.items()}
     ranked = sorted(area, key=lambda k: (-area[k], k)) if present else \
