@@ -3,7 +3,9 @@
 Key images are rendered on request from the spooled files by the result's task
 (pipelines/tasks/): for CT every slice the model's result names (the card's `key_images`), at
 512 px, with the finding outlined, the window and slice position in the caption; for slides
-the heatmap with its colour bar.
+the heatmap with its colour bar. The study's key images are the lead job's, then those of any
+other current positive result with a segmentation mask (its outline; labels then name the
+model), numbered in that order.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ whose finding group is a TID 1411 Volumetric ROI group: Volume in mL (UCUM "ml")
 the SEG's segment, which it references, and the presence. With nothing segmented there is no
 SEG and the SR's TID 1501 group states the volume (0 mL) and "absent".
 
+Key images: the slices with the largest segmented area, drawn as ct-slices draws them with
+the model's mask outlined (only the key slice's runs decoded from the stored result) and a
+caption with the series' volume and the slice's segmented area.
+
 Postprocessing block:
 
     threshold: 0.5        # voxel probability
