@@ -81,6 +81,8 @@ def test_masks_cross_as_runs_and_runs_outside_the_matrix_are_refused():
             runs_to_mask(bad, 64, 48)
     with pytest.raises(ValueError):
         runs_to_mask([0, 1], 100_000, 100_000)  # a peer's size is checked before allocating
+    with pytest.raises(ValueError):
+        runs_to_mask([0, 1] * (64 * 48 + 1), 64, 48)  # more runs than pixels: refused unread
     assert volume_ml(2000, (0.5, 0.5), 4.0) == pytest.approx(2.0)
 
 
