@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -183,6 +184,8 @@ def runs_to_mask(runs: list[int], rows: int, columns: int) -> np.ndarray:
     """Inverse of mask_to_runs; every run is checked against the matrix before it is written."""
     if rows <= 0 or columns <= 0 or rows * columns > MAX_MASK_PIXELS:
         raise ValueError(f"a {rows} x {columns} mask is not a CT slice")
+    if len(runs) > 2 * rows * columns:  # more runs than pixels: not a mask of this matrix
+        raise ValueError(f"{len(runs) // 2} mask runs cannot lie in a {rows} x {columns} matrix")
     values = np.asarray(runs, dtype=np.int64)
     if values.ndim != 1 or len(values) % 2:
         raise ValueError("mask runs must be [start, length, ...] pairs")
@@ -196,3 +199,25 @@ def runs_to_mask(runs: list[int], rows: int, columns: int) -> np.ndarray:
 
 
 MAX_MASK_PIXELS = 4096 * 4096
+
+
+def runs_area(runs: list[int]) -> int:
+    """Pixels a run-length coded mask covers (its runs do not overlap), without decoding it."""
+    return int(sum(runs[1::2]))
+
+
+def slice_runs(segmentation: dict[str, Any] | None, sop_instance_uid: str) -> list[int] | None:
+    """One slice's runs in a result's `segmentation`; None when nothing on it is segmented."""
+    for entry in (segmentation or {}).get("slices") or []:
+        if entry.get("sop_instance_uid") == sop_instance_uid:
+            return list(entry["runs"])
+    return None
+
+
+def slice_mask(segmentation: dict[str, Any] | None, sop_instance_uid: str) -> np.ndarray | None:
+    """One slice's mask from a result's `segmentation` (only that slice is decoded: a key image
+    needs a few slices, not the series); None when the slice has no segmented pixel."""
+    runs = slice_runs(segmentation, sop_instance_uid)
+    if runs is None:
+        return None
+    return runs_to_mask(runs, int(segmentation["rows"]), int(segmentation["columns"]))

@@ -14,6 +14,7 @@ the slice position named, a colour legend for heatmaps. Pure functions from arra
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -105,11 +106,14 @@ def _outline_swatch(text: str, size: int) -> Image.Image:
 
 def render_ct_key_image(pixel_hu: np.ndarray, window: tuple[float, float], position: str,
                         score: float | None = None, mask: np.ndarray | None = None,
-                        size: int = MIN_SIZE) -> bytes:
+                        size: int = MIN_SIZE, notes: Sequence[str] = (),
+                        outline_label: str | None = None) -> bytes:
     """A CT key image (PNG, `size` px wide, at least 512) with the finding outlined and its caption.
 
     `mask`: the segmentation of the finding on this slice, when the task gives one; without it
-    the largest blood-density region is outlined (none is drawn when the slice has none)."""
+    the largest blood-density region is outlined (none is drawn when the slice has none).
+    `notes`: further caption lines (a segmentation's area and volume); `outline_label`: the
+    legend's words for the outline instead of the default."""
     hu = np.asarray(pixel_hu)
     if hu.ndim != 2:
         raise ValueError(f"a CT slice must be 2-D, got shape {hu.shape}")
@@ -125,9 +129,9 @@ def render_ct_key_image(pixel_hu: np.ndarray, window: tuple[float, float], posit
         rgb[_outline(np.asarray(edge) > 127)] = OUTLINE_RGB
         image = Image.fromarray(rgb, mode="RGB")
     scored = f", slice score {score:.2f}" if score is not None else ""
-    marked = ("outline: the finding's segmentation" if mask is not None
-              else "outline: blood-density region (50-90 HU) on this slice")
-    caption = _caption(image.width, [f"{window_label(window)} \u00b7 {position}{scored}"],
+    marked = outline_label or ("outline: the finding's segmentation" if mask is not None
+                               else "outline: blood-density region (50-90 HU) on this slice")
+    caption = _caption(image.width, [f"{window_label(window)} \u00b7 {position}{scored}", *notes],
                        _outline_swatch(marked, max(13, image.width // 40)))
     return _stack(image, caption)
 

@@ -67,6 +67,11 @@ def lead_job(all_jobs: list[Job]) -> Job | None:
     return max(jobs, key=lambda j: j.id) if jobs else None
 
 
+def current_reader_jobs(all_jobs: list[Job]) -> list[Job]:
+    """The newest run per series and model of the jobs readers see."""
+    return _latest_jobs(reader_jobs(all_jobs))
+
+
 def reader_jobs(jobs: list[Job]) -> list[Job]:
     """The jobs whose results readers see: those of active models, never shadow ones."""
     return [j for j in jobs if not j.shadow]
@@ -168,10 +173,23 @@ def study_row(db: StateDB, study: dict[str, Any], settle_s: float,
         "certainty": lead["certainty"] if lead else None,
         "score": lead["score"] if lead else None,
         "priority": lead["priority"] if lead and lead["present"] else "normal",
+        **segmented_volume(jobs),
         "key_image": f"/studies/{uid}/key-image.png" if lead and lead["key_images"] else None,
         "series_count": len(series),
         "instance_count": sum(s.instance_count for s in series),
     }
+
+
+def segmented_volume(jobs: list[Job]) -> dict[str, Any]:
+    """`volume_ml` and `volume_model`: the volume a segmentation model (ich_seg) measured of a
+    finding it calls present, among the newest runs, whichever model's verdict leads the row
+    (a slice classifier and a segmentation model on one head CT: the row shows the classifier's
+    certainty and the segmentation's volume). The larger when two models measure one."""
+    measured = [(float(j.result["measurements"]["volume_ml"]), j.model_name) for j in jobs
+                if j.state is JobState.DONE and j.result.get("present") is True
+                and isinstance((j.result.get("measurements") or {}).get("volume_ml"), (int, float))]
+    volume, model = max(measured) if measured else (None, None)
+    return {"volume_ml": volume, "volume_model": model}
 
 
 def study_detail(db: StateDB, study_uid: str, settle_s: float,

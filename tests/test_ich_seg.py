@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import urllib.request
 from pathlib import Path
 
 import highdicom as hd
@@ -18,15 +20,18 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
+from PIL import Image
+from scipy import ndimage
 
 from phantoms.ct_head import FINDINGS, make_ct_phantom, series_from_phantom
 from pipelines.ct_volume import dice, mask_to_runs, runs_to_mask, volume_ml
 from pipelines.findings import AnalysisResult
+from pipelines.key_images import MIN_SIZE, OUTLINE_RGB
 from pipelines.model_card import CardError, load_card, parse_card
 from pipelines.sr_reading import read_result_sr
 from pipelines.tasks import task_of
 from tests.dicom_peers import have_dcmtk, run_storescu
-from tests.node_harness import PROJECT, RunningNode
+from tests.node_harness import PROJECT, TOKEN, RunningNode
 from tests.orthanc_peer import ORTHANC, OrthancPeer
 from tests.validators import dciodvfy_errors
 
@@ -76,6 +81,8 @@ def test_masks_cross_as_runs_and_runs_outside_the_matrix_are_refused():
             runs_to_mask(bad, 64, 48)
     with pytest.raises(ValueError):
         runs_to_mask([0, 1], 100_000, 100_000)  # a peer's size is checked before allocating
+    with pytest.raises(ValueError):
+        runs_to_mask([0, 1] * (64 * 48 + 1), 64, 48)  # more runs than pixels: refused unread
     assert volume_ml(2000, (0.5, 0.5), 4.0) == pytest.approx(2.0)
 
 
@@ -194,6 +201,25 @@ def test_head_ct_gets_triage_sr_and_seg_with_volume_in_the_same_orthanc_study(no
         pytest.approx(volume["value"], rel=1e-3)
     study = node.wait_study_state(study_uid, {"delivered"})
     assert {j["model"] for j in study["jobs"]} == {"ich_ct", "ich_seg"}
+    # the reader's row: the classifier's verdict and certainty lead, the segmentation's volume
+    # beside them; the key images: ich_ct's slices, then ich_seg's with its mask outlined
+    assert study["model"] == "ich_ct" and study["present"] is True and study["certainty"] > 0.5
+    assert study["volume_model"] == "ich_seg"
+    assert study["volume_ml"] == pytest.approx(volume["value"], rel=1e-3)
+    views = [(i, v["label"]) for i, v in enumerate(study["key_image_views"])]
+    seg_views = [(i, label) for i, label in views if label.startswith("ich_seg: ")]
+    assert seg_views and all("cm\u00b2 segmented" in label for _, label in seg_views), views
+    assert any(label.startswith("ich_ct: ") for _, label in views)
+    index, label = seg_views[0]
+    k = int(re.search(r"slice (\d+) of 24", label).group(1)) - 1
+    request = urllib.request.Request(f"{node.url}/studies/{study_uid}/key-images/{index}.png",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        rgb = np.asarray(Image.open(io.BytesIO(answer.read())).convert("RGB"))
+    assert rgb.shape[1] >= MIN_SIZE and rgb.shape[0] > MIN_SIZE
+    outline = np.all(rgb[:MIN_SIZE] == np.array(OUTLINE_RGB, dtype=np.uint8), axis=-1)
+    near_bleed = ndimage.binary_dilation(ph.bleed_mask[k], iterations=4)  # 512 matrix = 512 px
+    assert outline.sum() > 50 and (outline & near_bleed).sum() / outline.sum() > 0.95
 
 
 def test_on_a_tilted_gantry_the_masks_lie_on_the_slices_as_stored(card, infer, tmp_path):

@@ -100,3 +100,63 @@ def test_slide_key_image_has_the_colour_bar_and_outlines_tiles_above_threshold()
         near = np.abs(caption.astype(int) - colour.astype(int)).sum(axis=-1) < 12
         assert near.sum() > 50
     assert not _is(caption, CAPTION_BG).all()
+
+
+def _near(mask: np.ndarray, pixels: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=pixels)
+
+
+def test_a_segmentation_mask_is_outlined_along_its_boundary_and_nowhere_else():
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[0:256, 0:256]
+    mask = ((xx - 150) ** 2 + (yy - 110) ** 2 < 20**2) | ((xx >= 60) & (xx < 90) & (yy >= 170) & (yy < 185))
+    rgb = _rgb(render_ct_key_image(_head(bleed=False), (40, 80), "slice 3 of 9", mask=mask,
+                                   notes=["Intracranial hemorrhage 12.3 mL in the series"],
+                                   outline_label="outline: ich_seg mask"))
+    outline = _is(rgb[:MIN_SIZE], OUTLINE_RGB)
+    big = np.kron(mask, np.ones((2, 2), dtype=bool))  # the mask on the 512 px image
+    boundary = big & ~ndimage.binary_erosion(big)
+    assert outline.sum() > 200
+    assert not (outline & ~_near(boundary, 3)).any()  # nothing outlined off the boundary
+    assert (boundary & _near(outline, 1)).sum() / boundary.sum() > 0.98  # the whole boundary, both regions
+    assert (outline & ~big).sum() == 0  # drawn inside the mask: the edge pixels stay visible
+    caption = rgb[MIN_SIZE:]
+    assert (caption.sum(axis=-1) > 500).sum() > 400  # window/slice line, the volume line, legend
+
+
+def test_the_segmentation_task_draws_its_mask_on_the_key_slice(tmp_path):
+    """The ct-segmentation task: the key slice read from its file, the slice's mask decoded
+    from the stored result's runs and outlined; the caption's area and volume from the result."""
+    import pydicom
+
+    from phantoms.ct_head import make_ct_phantom, series_from_phantom
+    from pipelines.ct_volume import mask_to_runs
+    from pipelines.tasks import task_named
+
+    ph = make_ct_phantom("intraparenchymal", 16, 7)
+    k = int(np.argmax(ph.bleed_mask.sum(axis=(1, 2))))
+    instances = []
+    for i, ds in enumerate(series_from_phantom(ph)):
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+        instances.append({"sop_instance_uid": ds.SOPInstanceUID, "path": str(tmp_path / f"{i}.dcm")})
+    uid = instances[k]["sop_instance_uid"]
+    result = {"present": True, "finding": {"meaning": "Intracranial hemorrhage"},
+              "measurements": {"volume_ml": 12.3, "pixel_spacing_mm": ph.pixel_spacing_mm},
+              "key_images": [{"sop_instance_uid": uid, "score": 0.97},
+                             {"sop_instance_uid": instances[0]["sop_instance_uid"], "score": 0.1}],
+              "segmentation": {"rows": 512, "columns": 512,
+                               "slices": [{"sop_instance_uid": uid, "runs": mask_to_runs(ph.bleed_mask[k])}]}}
+    task = task_named("ct-segmentation")
+    rgb = _rgb(task.render_key_image(None, result, 0, instances))
+    assert rgb.shape[1] >= MIN_SIZE
+    outline = _is(rgb[:MIN_SIZE], OUTLINE_RGB)
+    assert outline.sum() > 50 and not (outline & ~_near(ph.bleed_mask[k], 2)).any()
+    assert _is(_rgb(task.render_key_image(None, result, 1, instances))[:MIN_SIZE], OUTLINE_RGB).sum() == 0
+    assert task.render_key_image(None, result, 2, instances) is None
+    area = ph.bleed_mask[k].sum() * ph.pixel_spacing_mm ** 2 / 100
+    [label, _] = task.key_image_labels(None, result, [r["sop_instance_uid"] for r in instances])
+    assert label.endswith(f"{area:.1f} cm\u00b2 segmented") and f"slice {k + 1} of 16" in label
+    assert pydicom.dcmread(instances[k]["path"]).Rows == 512

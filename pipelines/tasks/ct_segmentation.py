@@ -12,6 +12,10 @@ whose finding group is a TID 1411 Volumetric ROI group: Volume in mL (UCUM "ml")
 the SEG's segment, which it references, and the presence. With nothing segmented there is no
 SEG and the SR's TID 1501 group states the volume (0 mL) and "absent".
 
+Key images: the slices with the largest segmented area, drawn as ct-slices draws them with
+the model's mask outlined (only the key slice's runs decoded from the stored result) and a
+caption with the series' volume and the slice's segmented area.
+
 Postprocessing block:
 
     threshold: 0.5        # voxel probability
@@ -37,13 +41,21 @@ import pydicom
 from pydicom.uid import SegmentationStorage
 
 from pipelines.ct_series import deshear, load_ct_series, reshear_masks
-from pipelines.ct_volume import mask_to_runs, segment_stack, volume_ml, window_u8
+from pipelines.ct_volume import (
+    mask_to_runs,
+    runs_area,
+    segment_stack,
+    slice_mask,
+    slice_runs,
+    volume_ml,
+    window_u8,
+)
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
 from pipelines.model_card import CardError, CardFields, ModelCard, Postprocessing
 from pipelines.result_uids import ResultUids
 from pipelines.tasks import register
 from pipelines.tasks.base import Infer
-from pipelines.tasks.ct_slices import CtSlices
+from pipelines.tasks.ct_slices import CtSlices, key_slice, window_of
 
 AGGREGATION = "segmented-volume"  # what the SR's algorithm parameters name as the aggregation
 BATCH_SLICES = 32
@@ -104,6 +116,39 @@ class CtSegmentation(CtSlices):
         from pipelines.ct_seg_encoding import build_mask_seg
 
         return build_mask_seg(card, result, headers, uids.seg_series_uid, uids.seg_sop_uid, run)
+
+    def key_image_labels(self, card: ModelCard | None, result: dict[str, Any],
+                         order: list[str]) -> list[str]:
+        """The slice labels plus the area segmented on each slice (square pixels of the
+        measured row spacing: the labels read no file)."""
+        labels = super().key_image_labels(card, result, order)
+        spacing = (result.get("measurements") or {}).get("pixel_spacing_mm")
+        for i, key in enumerate((result.get("key_images") or [])[:len(labels)]):
+            runs = slice_runs(result.get("segmentation"), key["sop_instance_uid"])
+            if runs and spacing:
+                labels[i] += f", {runs_area(runs) * spacing * spacing / 100.0:.1f} cm\u00b2 segmented"
+        return labels
+
+    def render_key_image(self, card: ModelCard | None, result: dict[str, Any], index: int,
+                         instances: list[dict[str, Any]]) -> bytes | None:
+        """The slice as ct-slices draws it, the model's mask outlined (only this slice's mask
+        decoded), and a caption with the slice's segmented area and the series' volume."""
+        from pipelines.key_images import render_ct_key_image
+
+        found = key_slice(result, index, instances)
+        if found is None:
+            return None
+        key, ds, hu, where = found
+        model = (card.name if card is not None else "") or "the model"
+        mask = slice_mask(result.get("segmentation"), key["sop_instance_uid"])
+        if mask is None:
+            mask, drawn = np.zeros(hu.shape, dtype=bool), f"outline: {model} mask (none on this slice)"
+        elif mask.shape != hu.shape:  # the spooled file is not the matrix the mask was made on
+            mask, drawn = np.zeros(hu.shape, dtype=bool), f"{model} mask not drawn: not this slice's matrix"
+        else:
+            drawn = f"outline: {model} mask"
+        return render_ct_key_image(hu, window_of(card), where, score=key.get("score"), mask=mask,
+                                   notes=segmentation_notes(result, mask, ds), outline_label=drawn)
 
     def worklist_summary(self, card: ModelCard, result: AnalysisResult) -> dict[str, Any]:
         summary = super().worklist_summary(card, result)
@@ -171,6 +216,22 @@ def analyse_ct_segmentation(card: ModelCard, paths: Sequence[str | Path], infer:
                           threshold=post.threshold, key_images=key_images,
                           scores=tuple(float(p) for p in seg.max_probability),
                           measurements=measurements, timings=timings, segmentation=segmentation)
+
+
+def segmentation_notes(result: dict[str, Any], mask: np.ndarray, ds: pydicom.Dataset) -> list[str]:
+    """Caption lines: "Intracranial hemorrhage 12.3 mL in the series" and the slice's
+    segmented area in cm^2 (the slice's own pixel spacing)."""
+    meaning = str(((result.get("finding") or {}).get("meaning")) or "segmented volume")
+    volume = (result.get("measurements") or {}).get("volume_ml")
+    lines = []
+    if isinstance(volume, (int, float)):
+        lines.append(f"{meaning} {volume:.1f} mL in the series"
+                     + ("" if result.get("present") else " (below the model's minimum: absent)"))
+    spacing = getattr(ds, "PixelSpacing", None)
+    if spacing is not None and len(spacing) == 2:
+        area = int(mask.sum()) * float(spacing[0]) * float(spacing[1]) / 100.0
+        lines.append(f"{area:.1f} cm2 segmented on this slice")  # the bitmap font has no \u00b2
+    return lines
 
 
 TASK = register(CtSegmentation())

@@ -76,23 +76,35 @@ class CtSlices(VerdictTask):
 
     def render_key_image(self, card: ModelCard | None, result: dict[str, Any], index: int,
                          instances: list[dict[str, Any]]) -> bytes | None:
-        from pipelines.key_images import render_ct_key_image, slice_label
+        from pipelines.key_images import render_ct_key_image
 
-        keys = result.get("key_images") or []
-        if index >= len(keys):
+        found = key_slice(result, index, instances)
+        if found is None:
             return None
-        key = keys[index]
-        order = [r["sop_instance_uid"] for r in instances]
-        if key["sop_instance_uid"] not in order:
-            return None
-        row = instances[order.index(key["sop_instance_uid"])]
-        ds = pydicom.dcmread(row["path"])
-        hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) \
-            + float(getattr(ds, "RescaleIntercept", 0))
-        position = getattr(ds, "ImagePositionPatient", None)
-        z = float(position[2]) if position is not None and len(position) == 3 else None
-        where = slice_label(order.index(key["sop_instance_uid"]) + 1, len(order), z)
+        key, ds, hu, where = found
         return render_ct_key_image(hu, window_of(card), where, score=key.get("score"))
 
+
+def key_slice(result: dict[str, Any], index: int, instances: list[dict[str, Any]]
+              ) -> tuple[dict[str, Any], pydicom.Dataset, np.ndarray, str] | None:
+    """Key image `index` of the result: its entry, its dataset, its HU pixels and its position
+    ("slice 12 of 24, z = 30.0 mm"); None when the result has no such key image or its file
+    is no longer spooled."""
+    from pipelines.key_images import slice_label
+
+    keys = result.get("key_images") or []
+    if index >= len(keys):
+        return None
+    key = keys[index]
+    order = [r["sop_instance_uid"] for r in instances]
+    if key["sop_instance_uid"] not in order:
+        return None
+    row = instances[order.index(key["sop_instance_uid"])]
+    ds = pydicom.dcmread(row["path"])
+    hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) \
+        + float(getattr(ds, "RescaleIntercept", 0))
+    position = getattr(ds, "ImagePositionPatient", None)
+    z = float(position[2]) if position is not None and len(position) == 3 else None
+    return key, ds, hu, slice_label(order.index(key["sop_instance_uid"]) + 1, len(order), z)
 
 TASK = register(CtSlices())

@@ -164,6 +164,17 @@
     return el("span", {cls: "flag flag-none", text: "\u2014"});
   }
 
+  // The finding's volume a segmentation model measured ("12.3 mL"), "" when none did.
+  function volumeText(volume) {
+    if (volume === null || volume === undefined || volume === "" || isNaN(Number(volume))) return "";
+    return Number(volume).toFixed(1) + " mL";
+  }
+
+  function volumeNode(row) {
+    const text = volumeText(row.volume_ml);
+    return text ? el("span", {cls: "volume", text: text, title: "volume segmented by " + (row.volume_model || "the model")}) : null;
+  }
+
   function certaintyText(row) {
     if (row.present === null || row.present === undefined) return "";
     const p = pct(row.certainty);
@@ -305,7 +316,7 @@
       const tr = el("tr", {cls: "row " + (row.present === true ? "is-positive" : notAnalysed(row) ? "is-na" : ""),
         attrs: {"data-study-uid": row.study_uid || "", "data-href": href}}, [
         el("td", {cls: "c-img"}, [thumbNode(row, false)]),
-        el("td", {cls: "c-finding"}, [verdictNode(row)]),
+        el("td", {cls: "c-finding"}, [verdictNode(row), volumeNode(row)]),
         el("td", {cls: "num", text: certaintyText(row)}),
         el("td", null, [link, el("div", {cls: "sub", text: row.patient_id ? "ID " + row.patient_id : ""}),
           viewerLink(row)]),
@@ -420,7 +431,7 @@
           study.study_date ? "Study date " + fmtStudyDate(study.study_date) : ""].filter(Boolean).join(" \u00B7 ")}),
         viewerLink(study),
       ]),
-      el("div", {cls: "detail-verdict"}, [verdictNode(study),
+      el("div", {cls: "detail-verdict"}, [verdictNode(study), volumeNode(study),
         el("span", {cls: "certainty", text: certaintyText(study)}), reviewNode(study)]),
     ]);
     const facts = el("dl", {cls: "facts"}, [
@@ -449,7 +460,8 @@
       "Reason / last error", "Result at", "Timings"],
     jobs.map((j) => [j.id, (j.model || "") + " " + (j.model_version || "") + (j.mode === "shadow" ? " (shadow, not delivered)" : ""),
       j.run, stateText(j.state), j.attempts,
-      yesNo(j.present), j.present === null ? "" : pct(j.certainty), j.reason || j.last_error || "",
+      [yesNo(j.present), volumeText((j.measurements || {}).volume_ml)].filter(Boolean).join(", "),
+      j.present === null ? "" : pct(j.certainty), j.reason || j.last_error || "",
       fmtAbs(j.finished_at), timings(j.timings)]))
       : el("p", {cls: "sub", text: "No analyses yet."}));
     root.appendChild(el("h2", {text: "Deliveries"}));
