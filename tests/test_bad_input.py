@@ -51,6 +51,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 NETWORK_TIMEOUT_S = 3.0  # the in-process good sender shares the GIL: leave it slack
 MAX_ASSOCIATIONS = 8
 DEADLINE_S = 15.0
+ANSWER_S = 60.0  # a client's wait for each answer: the suite runs in parallel on 2 busy cores, and
+# a wait that ends first turns a late answer into a failure of nothing the node did wrong
 GOOD_STUDY = generate_uid()  # the good sender's study; every other file in the spool is a case's
 
 
@@ -170,7 +172,7 @@ def meta_end(raw: bytes) -> int:
 
 def associate(port: int, contexts: list[tuple[str, str]], ae_title: str = "BADSCU"):
     ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = DEADLINE_S
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ANSWER_S
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, [ts])
     return ae.associate("127.0.0.1", port, ae_title="BEFUND")
