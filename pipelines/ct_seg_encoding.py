@@ -23,7 +23,7 @@ from pipelines.ct_volume import runs_to_mask
 from pipelines.findings import AnalysisResult
 from pipelines.model_card import ModelCard
 from pipelines.patient_module import with_valid_patient_module
-from pipelines.seg_encoding import MORPHOLOGICALLY_ABNORMAL
+from pipelines.seg_encoding import MORPHOLOGICALLY_ABNORMAL, result_seg_identity
 
 SEG_SERIES_NUMBER = 9200  # above the SR (9000 + run) and slide heatmap (9100) series
 SEGMENT_NUMBER = 1
@@ -90,14 +90,7 @@ def build_mask_seg(card: ModelCard, result: AnalysisResult, source_headers: Sequ
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment_description(card)],
-        series_instance_uid=seg_series_uid,
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=seg_sop_uid,
-        instance_number=max(int(run), 1),
-        manufacturer=card.manufacturer,
-        manufacturer_model_name=card.name,
-        software_versions=card.version,
-        device_serial_number=card.key,
+        **result_seg_identity(card, seg_series_uid, SEG_SERIES_NUMBER, seg_sop_uid, run),
         content_description=f"{card.name} {card.version} segmentation (run {run})"[:64],
         content_label="SEGMENTATION",
     )

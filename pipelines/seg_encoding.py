@@ -49,6 +49,16 @@ def _origin(slide_header: pydicom.Dataset) -> tuple[float, float, float]:
             float(origin.get("ZOffsetInSlideCoordinateSystem", 0.0)))
 
 
+def result_seg_identity(card: ModelCard, series_uid: str, series_number: int, sop_uid: str,
+                        run: int) -> dict:
+    """The arguments of hd.seg.Segmentation every result SEG shares: its UIDs (deterministic per
+    series, model version and run) and the model as the device that made it."""
+    return dict(series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=sop_uid,
+                instance_number=max(int(run), 1), manufacturer=card.manufacturer,
+                manufacturer_model_name=card.name, software_versions=card.version,
+                device_serial_number=card.key)
+
+
 def build_heatmap_seg(card: ModelCard, result: AnalysisResult, slide_header: pydicom.Dataset,
                       seg_series_uid: str, seg_sop_uid: str, run: int) -> pydicom.Dataset:
     """FRACTIONAL (probability) Segmentation of the result's heatmap over `slide_header`'s level."""
@@ -88,14 +98,7 @@ def build_heatmap_seg(card: ModelCard, result: AnalysisResult, slide_header: pyd
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         segment_descriptions=[segment],
-        series_instance_uid=seg_series_uid,
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=seg_sop_uid,
-        instance_number=max(int(run), 1),
-        manufacturer=card.manufacturer,
-        manufacturer_model_name=card.name,
-        software_versions=card.version,
-        device_serial_number=card.key,
+        **result_seg_identity(card, seg_series_uid, SEG_SERIES_NUMBER, seg_sop_uid, run),
         content_description=f"{card.name} {card.version} tile probabilities (run {run})"[:64],
         content_label="HEATMAP",
         pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=(spacing_mm, spacing_mm),

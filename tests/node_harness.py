@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from service.model_tools.local_peers import stop_groups
 from tests.dicom_peers import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -47,18 +48,7 @@ def poll(predicate, timeout: float, interval: float = 0.1, what: str = "conditio
 def stop_bentoml(proc: subprocess.Popen) -> None:
     """Stop a `bentoml serve` started in its own session: SIGTERM to the arbiter only (it stops
     its workers cleanly; a group-wide SIGTERM leaves the arbiter waiting), then kill the rest."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(timeout=30)
+    stop_groups([proc], grace_s=30)
 
 
 def descendants(pid: int) -> list[int]:
