@@ -78,6 +78,9 @@ class Outbox:
         self._destinations = {d.name: d for d in config.destinations}
 
     def start(self) -> None:
+        released = self.db.release_orphan_deliveries(self.owner)
+        if released:
+            log.info("%d delivery(ies) a previous process held are due again", released)
         self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
         self._thread.start()
 

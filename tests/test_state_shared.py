@@ -156,6 +156,22 @@ def test_a_delivery_in_flight_is_not_sent_again_until_its_lease_runs_out(two):
     assert taken.id == row.id
 
 
+def test_a_restarted_node_sends_at_once_what_its_killed_predecessor_held(two):
+    """A node killed mid-delivery and started again (under a new default name) sends the result
+    at once, not after `delivery.lease_s`. SQLite has one instance: every other lease is a dead
+    process's. PostgreSQL: only the instance's own earlier life; another's lease runs out."""
+    a, b = two
+    [job] = routed_series(a, "1.2.7.1")
+    a.finish_job(job, "done", {}, "", [("dicom", "pacs", {"files": []})])
+    assert a.lease_delivery("a", 600) is not None  # ... and then "a" is killed
+    if a.shared:
+        assert b.release_orphan_deliveries("b") == 0 and b.lease_delivery("b", 60) is None
+        assert a.release_orphan_deliveries("a") == 1  # "a" again, under its stable name
+    else:
+        assert b.release_orphan_deliveries("b") == 1
+    assert b.lease_delivery("b", 60) is not None
+
+
 def test_retention_keeps_a_series_that_got_a_new_run_after_it_was_found_due(two, tmp_path):
     a, b = two
     [job] = routed_series(a, "1.2.7.1")

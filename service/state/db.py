@@ -528,6 +528,22 @@ class StateDB:
                    AND (lease_until IS NULL OR lease_until<?)
                ORDER BY next_attempt_at, id LIMIT ?""", (now, now, limit))]
 
+    def release_orphan_deliveries(self, owner: str) -> int:
+        """At start-up: deliveries a process that is gone held go back to their schedule at once,
+        as `requeue_orphans` does for jobs (SQLite: every lease not `owner`'s; PostgreSQL: only
+        this instance's earlier life's). Else a node killed mid-delivery, restarted under a new
+        name (default: hostname-pid), would leave its results waiting `delivery.lease_s`."""
+        with self.transaction() as tx:
+            if self.shared:
+                cur = tx.execute("""UPDATE outbox SET lease_owner=NULL, lease_until=NULL
+                                    WHERE lease_owner=?""", (owner,))
+            else:
+                cur = tx.execute("""UPDATE outbox SET lease_owner=NULL, lease_until=NULL
+                                    WHERE lease_owner IS NOT NULL AND lease_owner != ?""", (owner,))
+            if cur.rowcount:
+                tx.notify("outbox")
+            return cur.rowcount
+
     def lease_delivery(self, owner: str, lease_s: float) -> Delivery | None:
         """Take the next due delivery for `lease_s`: no other instance sends it meanwhile."""
         now = time.time()
