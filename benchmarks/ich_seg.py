@@ -191,12 +191,14 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     name = "ich_seg_with_ich_ct" if args.with_ich_ct else "ich_seg"
     if args.memory_only:
-        report = json.loads((OUT / f"{name}.json").read_text())
+        last = OUT / f"{name}.json"
+        report = json.loads(last.read_text()) if last.exists() else {}
         with tempfile.TemporaryDirectory() as tmp:
             report["memory"] = memory(args, Path(tmp))
         print("memory:", json.dumps(report["memory"]), flush=True)
-        (OUT / f"{name}.json").write_text(json.dumps(report, indent=2))
-        plot(report, OUT / f"{name}.png")
+        last.write_text(json.dumps(report, indent=2))
+        if "time_to_result" in report:  # the plot needs (a)'s timings
+            plot(report, OUT / f"{name}.png")
         return
     report = {"benchmark": "ich_seg", "goal_s": GOAL_S, "goal_rss_mb": GOAL_RSS_MB,
               "cpu_cores": len(os.sched_getaffinity(0)), "load_average_at_start": os.getloadavg()}

@@ -29,6 +29,7 @@ from pipelines.model_card import CtPreprocessing, ValidatedDomain
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines
 SPACING_TOLERANCE_MM = 1e-3
 DUPLICATE_POSITION_MM = 1e-2
+MAX_CHUNK_SLICES = 32  # a decode worker holds one chunk as float32 HU: 32 x 512 x 512 is 32 MB
 SHEAR_MIN_PX = 0.05  # in-plane offsets below this (model pixels) are not resampled
 HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "PixelSpacing",
@@ -306,7 +307,7 @@ def load_ct_series(paths: Sequence[str | Path], pre: CtPreprocessing, executor: 
         if executor is None:
             chunks = [decode_chunk(items, integral, transform)]
         else:
-            size = chunk_size or max(8, math.ceil(len(items) / 8))
+            size = chunk_size or min(MAX_CHUNK_SLICES, max(8, math.ceil(len(items) / 8)))
             futures = [executor.submit(decode_chunk, items[i:i + size], integral, transform)
                        for i in range(0, len(items), size)]
             chunks = [f.result() for f in futures]
