@@ -34,7 +34,8 @@ pynetdicom 3.0 is correct but not built for bulk ingest. What we change:
       queued from that same thread, which sends it on its very next loop. pynetdicom itself
       serves N-EVENT-REPORT outside the association thread the same way.
    b. the DUL thread's idle `time.sleep(0.001)` becomes a `select()` on its socket with the
-      same timeout, so the next PDU is read the moment it arrives.
+      same timeout, so the next PDU is read the moment it arrives (accepted associations only:
+      see `_SocketWaitTime` for why requestors keep the poll).
    c. the association thread no longer wakes every 1 ms (1000 GIL grabs a second that stall
       the DUL thread whenever the OS deschedules the grabber): it waits on an event that is
       set whenever the DUL hands it something (a message, a release or abort primitive), at
@@ -255,7 +256,13 @@ class _InlineStoreQueue(queue.Queue):
 
 
 class _SocketWaitTime:
-    """Stands in for the `time` module inside pynetdicom.dul: sleep waits on the socket."""
+    """Stands in for the `time` module inside pynetdicom.dul: sleep waits on the socket.
+
+    Only for associations we accept. A requestor's DUL (the outbox's C-STOREs, in the same
+    process) keeps pynetdicom's plain 1 ms poll: pynetdicom's send_c_store pauses the
+    requestor's reactor with a check that can pass while the reactor runs one more loop, and an
+    answer handed over at once, as the socket wait does, fell into that loop, which drops it
+    ("Received unexpected C-STORE service message"; the send then failed with no status)."""
 
     def __getattr__(self, name):
         return getattr(time, name)
@@ -263,7 +270,8 @@ class _SocketWaitTime:
     @staticmethod
     def sleep(seconds: float) -> None:
         thread = threading.current_thread()
-        if isinstance(thread, dul.DULServiceProvider) and thread.to_provider_queue.empty():
+        if (isinstance(thread, dul.DULServiceProvider) and thread.to_provider_queue.empty()
+                and getattr(thread.assoc, "is_acceptor", False)):
             sock = getattr(thread.socket, "socket", None)
             if sock is not None and sock.fileno() >= 0:
                 try:

@@ -194,13 +194,30 @@ def send_raw_file(port: int, path: Path, sop_class: str = CTImageStorage,
 
 
 def send_datasets(port: int, datasets: list[Dataset]) -> list[int]:
+    """Each data set's status. pynetdicom's requestor can lose an answer to its own reactor
+    thread (send_c_store pauses the reactor with a check that can pass while the reactor runs
+    one more loop: "Received unexpected C-STORE service message"). It happened in about one run
+    of this module in three on a busy CPU while the node's socket wait (pynetdicom_tuning) also
+    served this process's requestors; it no longer does, but the race is pynetdicom's. Such a
+    data set is sent again, once, on a new association: the node must answer it the same way."""
     contexts = sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    statuses: list[int] = []
+    resent = 0
     assoc = associate(port, contexts)
-    assert assoc.is_established
     try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        for ds in datasets:
+            assert assoc.is_established
+            answer = assoc.send_c_store(ds)
+            if "Status" not in answer and resent == 0:  # the client lost it, not the node
+                resent += 1
+                assoc.abort()
+                assoc = associate(port, contexts)
+                answer = assoc.send_c_store(ds)
+            statuses.append(int(answer.Status))
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+    return statuses
 
 
 def spooled(spool: Spool) -> set[Path]:
@@ -445,8 +462,12 @@ def test_garbage_command_set_aborts_only_that_association(node, tmp_path):
     assoc = associate(listener.port, [(CTImageStorage, ExplicitVRLittleEndian)])
     assert assoc.is_established
     context_id = assoc.accepted_contexts[0].context_id
-    assoc.dul.socket.socket.sendall(_p_data(context_id, 0x03, b"\xde\xad\xbe\xef" * 16))
-    assoc.dul.socket.socket.sendall(_p_data(context_id, 0x02, b"\x00" * 32))
+    sock = assoc.dul.socket.socket
+    sock.sendall(_p_data(context_id, 0x03, b"\xde\xad\xbe\xef" * 16))
+    try:
+        sock.sendall(_p_data(context_id, 0x02, b"\x00" * 32))
+    except OSError:
+        pass  # the node may have aborted on the garbage command already: that is the point
     _wait_closed(assoc)
     assert spooled(spool) == before
 
