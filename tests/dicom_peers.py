@@ -98,20 +98,31 @@ class StoreSCP:
         self.directory = Path(directory)
         self.ae = ae
         self.host = host
+        self.chosen_port = port is None  # ours to change if another process takes it first
         self.port = port or free_port(host)
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
-        cmd = ["storescp", "-aet", self.ae, "-od", str(self.directory), *self.extra_args, str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=_env_nodelay())
-        try:
-            wait_for_port(self.host, self.port, proc=self.proc)
-        except BaseException:
-            self.__exit__()
-            raise
+        for attempt in range(3):
+            cmd = ["storescp", "-aet", self.ae, "-od", str(self.directory), *self.extra_args,
+                   str(self.port)]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         env=_env_nodelay())
+            try:
+                wait_for_port(self.host, self.port, proc=self.proc)
+                return self
+            except RuntimeError:
+                # a free port is free only a moment: with test files in parallel, another
+                # process can bind it first; storescp then exits at once and we take another
+                self.__exit__()
+                if not self.chosen_port or attempt == 2:
+                    raise
+                self.port = free_port(self.host)
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc) -> None:
