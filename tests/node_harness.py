@@ -88,6 +88,7 @@ class RunningNode:
         self.var = self.workdir / "var"
         self.dicom_port = free_port()
         self.http_port = free_port()
+        self._ports_ours = not ({"dicom_port", "http_port"} & set(overrides))  # see start()
         self.config: dict[str, Any] = {
             "ae_title": "BEFUND", "dicom_host": "127.0.0.1", "dicom_port": self.dicom_port,
             "http_port": self.http_port, "var_dir": str(self.var),
@@ -125,7 +126,22 @@ class RunningNode:
         raise RuntimeError(f"no gateway worker below process {self.proc.pid}")
 
     def start(self, timeout: float = 90.0, until: str = "/readyz") -> RunningNode:
-        """Start and wait until `until` answers 200 (`/livez` for a node that must not be ready)."""
+        """Start and wait until `until` answers 200 (`/livez` for a node that must not be ready).
+
+        A free port is free only a moment: with test files in parallel another process can bind
+        one first, and the node stops at once naming it. On a first start with ports of our own
+        choosing, the node then starts again on new ones (a restart keeps its ports)."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout, until)
+            except RuntimeError as exc:
+                if not (self._ports_ours and "is already in use" in str(exc)) or attempt == 2:
+                    raise
+                self.dicom_port = self.config["dicom_port"] = free_port()
+                self.http_port = self.config["http_port"] = free_port()
+        return self
+
+    def _start(self, timeout: float, until: str) -> RunningNode:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("BEFUND_")}
@@ -142,6 +158,7 @@ class RunningNode:
         except BaseException:
             self.stop()
             raise
+        self._ports_ours = False  # started: a restart must come back on the same ports
         return self
 
     def _answers(self, probe: str) -> bool:
