@@ -143,7 +143,7 @@ class Config:
     association_request_timeout_s: float = 5.0  # a new connection must send its whole A-ASSOCIATE-RQ by then
     max_associate_rq_bytes: int = 256 * 1024  # a longer A-ASSOCIATE-RQ is a protocol error (A-ABORT)
     max_connections_per_address: int = 16  # open DICOM connections from one address, associated or not
-    listen_backlog: int = 128  # connections the kernel queues until they are accepted
+    listen_backlog: int = 1024  # connections the kernel queues until accepted (capped by net.core.somaxconn)
     peer_log_interval_s: float = 10.0  # one log line per peer address and kind of refusal in this time
     max_instance_bytes: int = 8 * 1024**3
     min_free_bytes: int = 1024**3

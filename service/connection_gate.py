@@ -14,8 +14,16 @@ allow-list, so until then it may cost the node only what these limits allow:
   with the request pushed back in front of the socket, once the request is complete;
 - an A-ASSOCIATE-RQ longer than `max_associate_rq_bytes` or that pynetdicom cannot decode,
   a first PDU that is not one, and unknown PDU types are protocol errors;
-- the kernel queues `listen_backlog` connections before accept (socketserver's default is 5,
-  less than one PACS opening associations in a burst).
+- the kernel queues `listen_backlog` connections (1024) before accept (socketserver's default
+  is 5, less than one PACS opening associations in a burst). A full queue drops every peer's new
+  connections alike (a dropped SYN is retried after 1, 3, 7, 15 and 31 s), so a host that
+  reopens at once whatever the gate closes must not be able to keep it full: 200 such
+  connections (tests/test_hostile_peers.py), on 2 busy cores, overflowed a queue of 128 117
+  times in a minute (one good storescu once waited over 30 s to connect), 66 times when each
+  wake of the accept loop takes every queued connection, and never with 1024. The accept loop
+  does take them all per wake, and resets those over the per-address cap (no FIN exchange, no
+  TIME_WAIT entry each). More connections at once than the queue holds are a flood for the
+  firewall (README, "What it leaves to the network").
 
 Inside an association every PDU header is checked before its body is read (`guard`): a
 P-DATA-TF longer than the `max_pdu` befund announced, an association PDU longer than
@@ -68,6 +76,9 @@ ABORT_UNRECOGNIZED_PDU = 0x01
 ABORT_UNEXPECTED_PDU = 0x02
 ABORT_INVALID_PARAMETER = 0x06
 
+
+ACCEPT_BURST = 256  # connections accepted per wake of the accept loop (then it serves a shutdown)
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 SUPPORTED_PROTOCOL_VERSION = 0x0001
 # A-ASSOCIATE-RJ: rejected permanent, by the service provider (ACSE), protocol version not supported
@@ -396,11 +407,34 @@ class GatedAssociationServer(ThreadedAssociationServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)  # accept until the queue is empty: _handle_request_noblock
+
     def get_request(self):
-        return self.socket.accept()  # plain socket: no handshake on the accept path
+        request, client_address = self.socket.accept()  # plain socket: no handshake here
+        request.setblocking(True)  # as socketserver hands it over; the gate sets its deadlines
+        return request, client_address
 
     def verify_request(self, request, client_address) -> bool:
         return self.gate.admit(client_address[0])
+
+    def _handle_request_noblock(self) -> None:
+        """Accept every queued connection (at most ACCEPT_BURST per wake), not one per wake of
+        the serve loop as socketserver does: see the module docstring for why."""
+        for _ in range(ACCEPT_BURST):
+            try:
+                request, client_address = self.get_request()
+            except OSError:  # BlockingIOError: the queue is empty; others: socketserver's way
+                return
+            if not self.verify_request(request, client_address):
+                _reset(request)
+                continue
+            try:
+                self.process_request(request, client_address)
+            except Exception:  # noqa: BLE001 - as socketserver does: report it, close, keep serving
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
 
     def process_request(self, request, client_address) -> None:
         try:
@@ -474,6 +508,16 @@ def _decoded(request: bytes) -> A_ASSOCIATE_RQ_PDU | None:
     except Exception:  # noqa: BLE001 - whatever pynetdicom's decoder raises, the request is refused
         return None
     return pdu
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close `sock` with a TCP reset: no FIN exchange and no TIME_WAIT entry on the node for
+    each of the many connections a flooding host has refused."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
