@@ -223,7 +223,7 @@ def test_a_connection_without_a_whole_request_in_time_is_closed_and_logged(liste
         assert raw.read_pdu(silent, timeout=10) is None
         assert raw.read_pdu(trickle, timeout=10) is None
         closed.set()
-        assert time.monotonic() - started < 4.0
+        assert time.monotonic() - started < 8.0  # the reads' own timeout (10 s) would be later
     assert dropped("request_timeout") == before + 2
     assert f"connection from {ATTACKER} closed: no complete A-ASSOCIATE-RQ within 1.0 s" in caplog.text
     assert "connection from 127.0.0.3 closed: no complete A-ASSOCIATE-RQ within 1.0 s" in caplog.text

@@ -247,3 +247,35 @@ def test_on_a_tilted_gantry_the_masks_lie_on_the_slices_as_stored(card, infer, t
         as_stored[k, shift:] = ph.bleed_mask[k, :ph.hu.shape[1] - shift]
     assert dice(mask, as_stored) >= 0.8
     assert dice(mask, as_stored) > dice(mask, ph.bleed_mask) + 0.1  # not on the upright slices
+
+
+def test_a_source_without_its_type_2_patient_and_study_attributes_still_gets_a_valid_seg_and_sr(
+        card, infer, tmp_path):
+    """De-identifiers often drop type 2 attributes (a real de-identified head CT had no
+    PatientBirthDate): highdicom's Segmentation raised on it and the job failed. The objects
+    befund writes carry them, empty, and pass dciodvfy."""
+    from pipelines.result_uids import result_uids
+
+    dropped = ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+    ph = make_ct_phantom("intraparenchymal", SLICES, HELD_OUT_SEED + 11)
+    paths = []
+    for k, ds in enumerate(series_from_phantom(ph)):
+        for keyword in dropped:
+            if keyword in ds:
+                delattr(ds, keyword)
+        paths.append(tmp_path / f"bare-{k:03d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    task = task_of(card)
+    result = task.analyse(card, paths, infer)
+    assert result.analysed and result.present, result.reason
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    assert all(k not in headers[0] for k in dropped)
+    uids = result_uids(str(headers[0].SeriesInstanceUID), card.key, 1)
+    for name, obj in (("seg", task.build_seg(card, result, headers, uids, 1)),
+                      ("sr", task.build_sr(card, result, headers, uids, 1, None))):
+        path = tmp_path / f"{name}.dcm"
+        obj.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], name
+        written = pydicom.dcmread(path)
+        assert all(k in written and not written[k].value for k in dropped), name
+    assert all(k not in headers[0] for k in dropped)  # the source headers themselves unchanged

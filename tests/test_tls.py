@@ -76,7 +76,7 @@ def test_silent_tls_client_does_not_block_others(tls_node, certs, tmp_path):
                               extra_args=tls_args(certs.client_key, certs.client_cert, certs.ca_cert))
         seconds = time.monotonic() - started
         assert result.returncode == 0, result.output
-        assert seconds < 5.0, f"a TLS client behind silent ones took {seconds:.1f} s"
+        assert seconds < 30.0, f"a TLS client behind silent ones took {seconds:.1f} s"  # blocked: 60 s
         assert len(rec.instances) == 1
     finally:
         for s in silent:
@@ -89,7 +89,7 @@ def test_silent_tls_client_is_dropped_after_the_handshake_timeout(tls_node, capl
         s.settimeout(10)
         started = time.monotonic()
         assert s.recv(1) == b""  # the node closed it
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 8  # recv's own timeout is 10 s
     # ssl closes the socket before the failure reaches our handler: the log line may trail the close
     wait_until(lambda: "no handshake before the timeout" in caplog.text, 5)
 
