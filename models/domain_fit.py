@@ -200,9 +200,9 @@ def load_unfitted_card(folder: Path) -> ModelCard:
     return card
 
 
-def write_fitted(card_path: Path, ood: dict[str, Any], calibration: dict[str, Any]) -> None:
+def write_fitted(card_path: Path, ood: dict[str, Any], calibration: dict[str, Any] | None) -> None:
     """Replace `validated_domain.ood` and the top-level `calibration` in card.yaml, keeping the
-    rest of the text (comments included) as it is."""
+    rest of the text (comments included) as it is; with `calibration` None the card has none."""
     text = card_path.read_text()
     if not re.search(r"(?m)^validated_domain:\n", text):
         raise ValueError(f"{card_path}: no validated_domain to add the OOD score to")
@@ -211,5 +211,6 @@ def write_fitted(card_path: Path, ood: dict[str, Any], calibration: dict[str, An
     start = re.search(r"(?m)^validated_domain:\n", text).end()
     end = re.search(r"(?m)^\S", text[start:])
     cut = start + (end.start() if end else len(text) - start)
-    text = text[:cut] + _dump("ood", ood, 2) + _dump("calibration", calibration, 0) + text[cut:]
+    fitted = _dump("ood", ood, 2) + (_dump("calibration", calibration, 0) if calibration is not None else "")
+    text = text[:cut] + fitted + text[cut:]
     card_path.write_text(text)

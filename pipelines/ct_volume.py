@@ -15,7 +15,7 @@ slice centres, not the slice thickness: overlapping reconstructions would count 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,20 @@ def window_u8(hu: np.ndarray, windows: tuple[tuple[float, float], ...], size: in
     what the segmentation model was trained on (models/ich_seg/train.py stores the same).
     """
     return np.rint(window_resize(hu, windows, size) * LEVELS).astype(np.uint8)
+
+
+def u8_slice_mean_features(compute: Callable[..., np.ndarray], windowed: np.ndarray,
+                           windows: Sequence[tuple[float, float]], chunk: int = 64) -> np.ndarray:
+    """`compute` (a feature set whose features are means over slices, as the CT OOD features
+    are) of a `window_u8` stack, chunk by chunk: a float copy of a 1000-slice stack would take
+    786 MB; the chunks' means weighted by their slice counts are the stack's mean."""
+    n = len(windowed)
+    total = None
+    for start in range(0, n, chunk):
+        part = windowed[start:start + chunk].astype(np.float32) * np.float32(1.0 / LEVELS)
+        value = np.asarray(compute(part, windows), dtype=np.float64) * len(part)
+        total = value if total is None else total + value
+    return total / n
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Each RunningNode gets its own var dir, free DICOM and HTTP ports and a YAML conf
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -168,7 +169,9 @@ class RunningNode:
             with urllib.request.urlopen(f"{self.url}{probe}", timeout=2, context=self.ssl_context) as r:
                 if r.status != 200:
                     return False
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            # HTTPException: another test's server (not HTTP) holds the port we chose, before
+            # the node finds it taken and exits, which start() answers with new ports
             return False
         try:  # the DICOM port accepts connections (a C-ECHO may be refused by the allow-list)
             with socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2):

@@ -5,7 +5,8 @@ domain (...)", never a positive or a negative: a plastic head phantom, a chest C
 HEAD, an MR series relabelled CT, a contrast CTA (with and without its contrast tag), pure
 noise; for slides, an immunohistochemistry look, a green-shifted H&E and a stated non-H&E
 stain. The data-driven OOD score alone refuses every CT kind (its explicit checks
-taken away). Held-out phantoms pass (tests/test_*_model_accuracy.py re-measure the figures
+taken away), for ich_ct and for the segmentation model ich_seg, which has its own fit of the
+same score on its own input. Held-out phantoms pass (tests/test_*_model_accuracy.py re-measure the figures
 through the same check). Two studies go through the running node: the plastic phantom comes
 back as a "not analysed" SR, a bleed with the card's calibrated certainty in API and SR.
 """
@@ -25,6 +26,7 @@ from phantoms.wsi_slide import write_wsi_slide
 from pipelines.ct_triage import analyse_ct_series
 from pipelines.model_card import ValidatedDomain, load_card
 from pipelines.sr_reading import read_result_sr
+from pipelines.tasks import task_of
 from pipelines.wsi_analysis import analyse_wsi_slide
 from tests.dicom_peers import have_dcmtk, run_storescu
 from tests.node_harness import poll
@@ -49,6 +51,12 @@ def _session(card):
 @pytest.fixture(scope="module")
 def ich():
     card = load_card(MODELS / "ich_ct")
+    return card, _session(card)
+
+
+@pytest.fixture(scope="module")
+def ich_seg():
+    card = load_card(MODELS / "ich_seg")
     return card, _session(card)
 
 
@@ -107,6 +115,22 @@ def test_out_of_domain_ct_is_not_analysed_never_a_verdict(ich, kind, tmp_path):
 def test_the_ood_score_alone_refuses_every_ct_kind(ich, kind, tmp_path):
     card, infer = ich
     result = analyse_ct_series(_score_only(card), write_ood_series(tmp_path, kind, 20, SEED + 1), infer)
+    assert not result.analysed
+    assert "image statistics unlike the validation data" in result.reason and "OOD distance" in result.reason
+
+
+@pytest.mark.parametrize("kind", CT_KINDS)
+def test_out_of_domain_ct_gets_no_segmentation_and_no_volume(ich_seg, kind, tmp_path):
+    card, infer = ich_seg
+    result = task_of(card).analyse(card, write_ood_series(tmp_path, kind, 20, SEED + 4), infer)
+    assert not result.analysed and result.present is None and result.segmentation is None
+    assert "outside the ich_seg model's validated domain" in result.reason, result.reason
+
+
+@pytest.mark.parametrize("kind", [*CT_KINDS, "cta_unlabelled"])
+def test_the_segmentation_models_ood_score_alone_refuses_every_ct_kind(ich_seg, kind, tmp_path):
+    card, infer = ich_seg
+    result = task_of(card).analyse(_score_only(card), write_ood_series(tmp_path, kind, 20, SEED + 5), infer)
     assert not result.analysed
     assert "image statistics unlike the validation data" in result.reason and "OOD distance" in result.reason
 

@@ -19,7 +19,9 @@ Trained on random 96 x 96 crops of the 256 input (mostly around bleeds), BCE + s
 
 Seeds: training 110000+, threshold selection 210000+, held-out evaluation 310000+ (the test
 suite re-measures on 410000+). Held-out figures go through the product's segmentation
-(pipelines.ct_volume.segment_stack) with an onnxruntime session, on the full 512 matrix.
+(pipelines.ct_volume.segment_stack) with an onnxruntime session, on the full 512 matrix. At
+the end, models/ich_seg/fit_domain.py fits the card's out-of-distribution score on the new
+model's input.
 """
 
 from __future__ import annotations
@@ -331,6 +333,10 @@ def main() -> int:
     }
     write_card(card_path, sha256_of(onnx_path), threshold, validation)
     print(yaml.safe_dump(validation, sort_keys=False))
+    # the new model's out-of-distribution score (card.yaml validated_domain.ood)
+    from models.ich_seg import fit_domain
+
+    fit_domain.main([f"--threads={args.threads}"])
     print(f"total {time.perf_counter() - t_start:.0f} s wall, {cpu_seconds():.0f} CPU s")
     return 0
 

@@ -3,8 +3,10 @@
 The model gives one logit per pixel of each slice (input as `ct-slices`: HU windows x
 neighbour slices, `preprocessing` parsed the same way). The analysis loads and checks the
 stack (ct_series.py, the card's validated domain included), windows it in the decode workers
-to uint8 (ct_volume.window_u8), runs the model in batches, thresholds the probabilities on
-the source matrix and measures the volume (ct_volume.py). The finding is present when the
+to uint8 (ct_volume.window_u8), refuses a stack whose image statistics are unlike the
+validation data (the card's `validated_domain.ood`, as ct-slices does), runs the model in
+batches, thresholds the probabilities on the source matrix and measures the volume
+(ct_volume.py). The finding is present when the
 segmented volume reaches the card's `postprocessing.min_volume_ml`.
 
 Results: a BINARY DICOM SEG of the segmented slices (ct_seg_encoding.py) and the TID 1500 SR
@@ -47,9 +49,11 @@ from pipelines.ct_volume import (
     segment_stack,
     slice_mask,
     slice_runs,
+    u8_slice_mean_features,
     volume_ml,
     window_u8,
 )
+from pipelines.domain import FEATURES, check_ood
 from pipelines.findings import AnalysisResult, KeyImage, NotAnalysable
 from pipelines.model_card import CardError, CardFields, ModelCard, Postprocessing
 from pipelines.result_uids import ResultUids
@@ -177,6 +181,15 @@ def analyse_ct_segmentation(card: ModelCard, paths: Sequence[str | Path], infer:
         scale = max(first.rows, first.columns) / pre.size
         windowed = deshear(windowed, series.inplane_offsets_mm,
                            (series.pixel_spacing[0] * scale, series.pixel_spacing[1] * scale))
+    domain, ood_distance = card.validated_domain, None
+    if domain is not None and domain.ood is not None:  # image statistics as on the validation data
+        features = u8_slice_mean_features(FEATURES[domain.ood.features].compute, windowed, pre.windows)
+        try:
+            ood_distance = check_ood(domain.ood, features, f"series {series.series_uid}",
+                                     f"the {card.name} model")
+        except NotAnalysable as exc:
+            return AnalysisResult.not_analysed(str(exc), load=timings["load"],
+                                               preprocess=time.perf_counter() - t1)
     seg = segment_stack(windowed, pre.context_slices, infer, post.threshold, (first.rows, first.columns),
                         batch_size=BATCH_SLICES)
     t2 = time.perf_counter()
@@ -211,6 +224,8 @@ def analyse_ct_segmentation(card: ModelCard, paths: Sequence[str | Path], infer:
         "pixel_spacing_mm": float(series.pixel_spacing[0]),
         "gantry_tilt_deg": round(series.tilt_deg, 2),
     }
+    if ood_distance is not None:
+        measurements["ood_distance"] = round(ood_distance, 3)
     timings["postprocess"] = time.perf_counter() - t2
     return AnalysisResult(analysed=True, present=present, score=float(seg.max_probability.max()),
                           threshold=post.threshold, key_images=key_images,
