@@ -1,4 +1,4 @@
-"""The applicability domain and the calibrated certainty of both reference cards.
+"""The applicability domain and the calibrated certainty of the reference cards.
 
 Inputs outside what a model was validated on are "not analysed: outside the model's validated
 domain (...)", never a positive or a negative: a plastic head phantom, a chest CT labelled

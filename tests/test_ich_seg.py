@@ -100,6 +100,7 @@ def test_held_out_bleeds_reach_the_cards_dice_and_volume_goals(card, infer, tmp_
     for i, finding in enumerate(FINDINGS[1:] * 2):
         ph, result, mask = analyse_phantom(card, infer, tmp_path, finding, HELD_OUT_SEED + i)
         assert result.analysed and result.present, (finding, result.reason, result.measurements)
+        assert 0.5 < result.certainty <= card.calibration.max_certainty < 1.0  # calibrated, never certain
         truth = volume_ml(int(ph.bleed_mask.sum()), (ph.pixel_spacing_mm,) * 2, ph.slice_spacing_mm)
         measured = result.measurements["volume_ml"]
         assert measured == pytest.approx(volume_ml(int(mask.sum()), (ph.pixel_spacing_mm,) * 2,
@@ -115,6 +116,26 @@ def test_normal_head_is_absent_with_no_segmentation(card, infer, tmp_path):
     assert result.analysed and result.present is False
     assert result.segmentation is None and not task_of(card).has_seg(card, result)
     assert result.measurements["volume_ml"] < card.postprocessing.min_volume_ml
+    assert 0.5 < result.certainty <= card.calibration.max_certainty < 1.0
+
+
+def test_the_calibrated_certainty_keeps_every_verdict_the_volume_gives(card):
+    """Present exactly from min_volume_ml on, whatever the calibration; the certainty of the
+    stated verdict grows with the distance from that volume and stays below the card's cap."""
+    from pipelines.tasks.ct_segmentation import PRESENCE_THRESHOLD, presence_score
+
+    v0, calibration = card.postprocessing.min_volume_ml, card.calibration
+    assert calibration is not None and calibration.fit["sensitivity_after_domain_check"] >= 0.9
+    assert (card.folder / calibration.fit["reliability_diagram"]).is_file()
+    volumes = np.concatenate([[0.0, v0 * (1 - 1e-6), v0, v0 * (1 + 1e-6)], np.geomspace(1e-3, 500, 200)])
+    certainties = []
+    for volume in volumes:
+        p = calibration.probability(presence_score(volume, v0), PRESENCE_THRESHOLD)
+        assert (p >= 0.5) == (volume >= v0), (volume, p)
+        assert max(p, 1 - p) <= calibration.max_certainty < 1.0
+        certainties.append(max(p, 1 - p))
+    above = volumes[4:] >= v0
+    assert np.all(np.diff(np.array(certainties[4:])[above]) >= -1e-12)  # larger bleed, surer
 
 
 def test_card_states_synthetic_training_and_its_held_out_figures(card):
@@ -173,6 +194,7 @@ def test_head_ct_gets_triage_sr_and_seg_with_volume_in_the_same_orthanc_study(no
     infos = {read_result_sr(sr)["algorithm"]["name"]: read_result_sr(sr) for sr in srs}
     assert set(infos) == {"ich_ct", "ich_seg"}
     assert infos["ich_ct"]["present"] is True and infos["ich_seg"]["present"] is True
+    assert 0.5 < infos["ich_seg"]["certainty"] < 1.0  # the SR states the calibrated certainty
     one_study = {sr.orthanc_study for sr in srs} | {seg.orthanc_study}
     assert len(one_study) == 1 and seg.StudyInstanceUID == study_uid
 

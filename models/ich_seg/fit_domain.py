@@ -1,4 +1,4 @@
-"""Fit the ich_seg card's out-of-distribution score on the released model.onnx.
+"""Fit the ich_seg card's out-of-distribution score and calibration on the released model.onnx.
 
     .venv/bin/python models/ich_seg/fit_domain.py
 
@@ -7,13 +7,17 @@ whose image is no head like the phantoms (a real head, a plastic phantom, contra
 segmented: a volume and a flag from a model that never saw such an image. The score is
 ich_ct's (pipelines/domain.py `ct_hu_fractions_v1`, models/domain_fit.py says how it is
 fit), computed on this model's own input (uint8 windows at 256 px), so its mean, covariance
-and threshold are fitted here. No torch: it runs the ONNX model; it rewrites only
-`validated_domain.ood` in card.yaml.
+and threshold are fitted here. The calibration turns the segmented volume into the certainty
+of the verdict: temperature scaling of `presence_score` (V / (V + min_volume_ml)) around 0.5,
+fit as ich_ct's is (models/domain_fit.py), so the verdict never changes. No torch: it runs the
+ONNX model; it rewrites `validated_domain.ood` and `calibration` in card.yaml and writes
+reliability.png beside it.
 
 Seeds (phantoms/ct_head.py), each set used for one purpose only, as in train.py:
   110000+  OOD fit (the training seeds' phantoms: what the model was trained on)
   210000+  OOD threshold selection (the seeds train.py chose the voxel threshold on)
-  310000+  held-out report: OOD rejection on the card's held-out seeds
+  310000+  held-out report: OOD rejection, ECE before/after, sensitivity/specificity
+  510000+  calibration fit (used for nothing else)
   700000+  out-of-domain kinds (phantoms/ct_ood.py)
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import multiprocessing as mp
 import sys
 import tempfile
@@ -30,17 +35,28 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from models.domain_fit import MAX_HELD_OUT_REJECTION, fit_ood, load_unfitted_card, ood_block, write_fitted
+from models.domain_fit import (
+    MAX_HELD_OUT_REJECTION,
+    calibrated,
+    fit_ood,
+    fit_temperature,
+    load_unfitted_card,
+    ood_block,
+    reliability_png,
+    scores_summary,
+    write_fitted,
+)
 from phantoms.ct_head import FINDINGS, make_ct_phantom, write_ct_series
 from phantoms.ct_ood import OOD_KINDS, write_ood_series
 from pipelines.ct_volume import u8_slice_mean_features, window_u8
 from pipelines.domain import FEATURES, mahalanobis
 from pipelines.model_card import OodScore, load_card
 from pipelines.tasks import task_of
+from pipelines.tasks.ct_segmentation import PRESENCE_THRESHOLD, presence_score
 
 HERE = Path(__file__).resolve().parent
 FEATURE_SET = "ct_hu_fractions_v1"
-FIT_SEED, SELECT_SEED, HELDOUT_SEED, OOD_SEED = 110_000, 210_000, 310_000, 700_000
+FIT_SEED, SELECT_SEED, HELDOUT_SEED, CALIBRATION_SEED, OOD_SEED = 110_000, 210_000, 310_000, 510_000, 700_000
 SLICES = (16, 20, 24, 32)  # as in training and the card's held-out figures
 
 
@@ -89,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-studies", type=int, default=240)
     ap.add_argument("--select-studies", type=int, default=120)
     ap.add_argument("--heldout-studies", type=int, default=50)
+    ap.add_argument("--calibration-studies", type=int, default=120)
     ap.add_argument("--ood-seeds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -102,15 +119,20 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     score = OodScore(FEATURE_SET, names, tuple(fitted["mean"]), tuple(map(tuple, fitted["precision"])),
                      fitted["threshold"])
-    domain_card = dataclasses.replace(card, validated_domain=dataclasses.replace(card.validated_domain,
-                                                                                 ood=score))
+    domain_card = dataclasses.replace(card, calibration=None, validated_domain=dataclasses.replace(
+        card.validated_domain, ood=score))
     task, infer = task_of(domain_card), onnx_infer(card, args.threads)
-    held, ood_rows = [], {}
+    held, calib, ood_rows = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for finding, slices, seed in plan(args.heldout_studies, HELDOUT_SEED):
-            paths = write_ct_series(work / str(seed), finding, slices, seed)
-            held.append((finding, task.analyse(domain_card, paths, infer)))
+        for rows, base, n in ((held, HELDOUT_SEED, args.heldout_studies),
+                              (calib, CALIBRATION_SEED, args.calibration_studies)):
+            for finding, slices, seed in plan(n, base):
+                paths = write_ct_series(work / str(seed), finding, slices, seed)
+                rows.append((finding, task.analyse(domain_card, paths, infer)))
+                for path in paths:
+                    path.unlink()
+        print(f"held-out and calibration studies analysed ({time.perf_counter() - t0:.0f} s)", flush=True)
         for kind in OOD_KINDS:
             refused, by_score = 0, 0
             for s in range(args.ood_seeds):
@@ -124,6 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     rejected = [r.reason for _, r in held if not r.analysed]
     if len(rejected) > MAX_HELD_OUT_REJECTION * len(held):
         raise SystemExit(f"OOD score refuses {len(rejected)} of {len(held)} held-out phantoms: {rejected}")
+    if any(not r.analysed for _, r in calib):
+        raise SystemExit(f"calibration study not analysed: {[r.reason for _, r in calib if not r.analysed]}")
+    min_volume = card.postprocessing.min_volume_ml
+
+    def scores(rows):
+        return np.array([presence_score(r.measurements["volume_ml"], min_volume) for _, r in rows])
+
+    c_labels = np.array([f != "none" for f, _ in calib])
+    temp = fit_temperature(scores(calib), c_labels, PRESENCE_THRESHOLD)
+    analysed_rows = [(f, r) for f, r in held if r.analysed]
+    h_scores, h_labels = scores(analysed_rows), np.array([f != "none" for f, _ in analysed_rows])
+    after = calibrated(h_scores, PRESENCE_THRESHOLD, temp["temperature"], temp["max_certainty"])
+    before_fig, after_fig = scores_summary(h_scores, h_labels), scores_summary(after, h_labels)
+    present = np.array([r.present for _, r in analysed_rows])
+    reliability_png(HERE / "reliability.png",
+                    f"ich_seg {card.version}: held-out phantoms (seeds {HELDOUT_SEED}+), study level",
+                    h_labels, {"before (V / (V + V0))": h_scores, "after (temperature scaling)": after})
     analysed = [r for _, r in held if r.analysed]
     correct = sum(r.present == (f != "none") for f, r in held if r.analysed)
     ood = ood_block(FEATURE_SET, names, fitted, {
@@ -140,9 +179,30 @@ def main(argv: list[str] | None = None) -> int:
                      "presence_correct": f"{correct} of {len(analysed)}"},
         "out_of_domain": ood_rows,
     })
-    write_fitted(HERE / "card.yaml", ood, None)
+    calibration = {
+        "method": "temperature",
+        "temperature": round(temp["temperature"], 4),
+        "max_certainty": round(temp["max_certainty"], 4),
+        "fit": {
+            "score": f"presence_score: V / (V + {min_volume:g} mL), the segmented volume V; present from 0.5",
+            "fit_on": f"{len(calib)} phantoms, seeds {CALIBRATION_SEED}..{CALIBRATION_SEED + len(calib) - 1} "
+                      "(used for nothing else)",
+            "estimate": "maximum a posteriori, log T ~ N(0, 1); cap 1 - 1/(n + 2)",
+            "errors_in_calibration_set": temp["errors"],
+            "reported_on": f"{len(analysed_rows)} held-out phantoms, seeds {HELDOUT_SEED}.. (the OOD score "
+                           f"refused {len(rejected)})",
+            "before": before_fig,
+            "after": after_fig,
+            "sensitivity_after_domain_check": round(float(present[h_labels].mean()), 4),
+            "specificity_after_domain_check": round(float((~present[~h_labels]).mean()), 4),
+            "reliability_diagram": "reliability.png",
+            "date": dt.date.today().isoformat(),
+        },
+    }
+    write_fitted(HERE / "card.yaml", ood, calibration)
     load_card(HERE)  # the card still parses and the file's sha256 still matches
-    print(f"held-out rejected {len(rejected)}/{len(held)}; presence correct {correct}/{len(analysed)}; "
+    print(f"ECE before {before_fig['ece']}, after {after_fig['ece']}; temperature {temp['temperature']:.3f}; "
+          f"held-out rejected {len(rejected)}/{len(held)}; presence correct {correct}/{len(analysed)}; "
           f"total {time.perf_counter() - t0:.0f} s")
     return 0
 

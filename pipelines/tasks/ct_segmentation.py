@@ -9,6 +9,9 @@ batches, thresholds the probabilities on the source matrix and measures the volu
 (ct_volume.py). The finding is present when the
 segmented volume reaches the card's `postprocessing.min_volume_ml`.
 
+Certainty: with a card `calibration`, the probability of the stated verdict, calibrated from
+the segmented volume (`presence_score`); without one, none is stated.
+
 Results: a BINARY DICOM SEG of the segmented slices (ct_seg_encoding.py) and the TID 1500 SR
 whose finding group is a TID 1411 Volumetric ROI group: Volume in mL (UCUM "ml") measured on
 the SEG's segment, which it references, and the presence. With nothing segmented there is no
@@ -161,6 +164,18 @@ class CtSegmentation(CtSlices):
         return summary
 
 
+PRESENCE_THRESHOLD = 0.5  # presence_score at the card's min_volume_ml
+
+
+def presence_score(volume: float, min_volume_ml: float) -> float:
+    """The segmented volume as a score in [0, 1) that reaches PRESENCE_THRESHOLD exactly at
+    `min_volume_ml`: V / (V + V0), whose logit is log(V / V0). The card's `calibration`
+    (temperature scaling around PRESENCE_THRESHOLD, models/ich_seg/fit_domain.py) turns it into
+    the certainty of the verdict without changing the verdict."""
+    volume = max(float(volume), 0.0)
+    return volume / (volume + float(min_volume_ml))
+
+
 def analyse_ct_segmentation(card: ModelCard, paths: Sequence[str | Path], infer: Infer,
                             executor: Executor | None = None) -> AnalysisResult:
     """Load -> window (uint8) -> segment -> volume; every failure becomes 'not analysed'."""
@@ -204,6 +219,10 @@ def analyse_ct_segmentation(card: ModelCard, paths: Sequence[str | Path], infer:
         seg = dataclasses.replace(seg, masks=reshear_masks(seg.masks, series.inplane_offsets_mm,
                                                            series.pixel_spacing))
     present = volume >= post.min_volume_ml
+    certainty = None
+    if card.calibration is not None:  # the calibrated probability of the stated verdict
+        p = card.calibration.probability(presence_score(volume, post.min_volume_ml), PRESENCE_THRESHOLD)
+        certainty = p if present else 1.0 - p
     area = {k: int(m.sum()) for k, m in seg.masks.items()}
     ranked = sorted(area, key=lambda k: (-area[k], k)) if present else \
         list(np.argsort(-seg.max_probability, kind="stable"))
@@ -228,7 +247,7 @@ def analyse_ct_segmentation(card: ModelCard, paths: Sequence[str | Path], infer:
         measurements["ood_distance"] = round(ood_distance, 3)
     timings["postprocess"] = time.perf_counter() - t2
     return AnalysisResult(analysed=True, present=present, score=float(seg.max_probability.max()),
-                          threshold=post.threshold, key_images=key_images,
+                          threshold=post.threshold, certainty=certainty, key_images=key_images,
                           scores=tuple(float(p) for p in seg.max_probability),
                           measurements=measurements, timings=timings, segmentation=segmentation)
 
