@@ -80,6 +80,18 @@ def ood_block(features: str, names: tuple[str, ...], fitted: dict[str, Any], fit
 # --- calibration ----------------------------------------------------------------------------------
 
 
+def onnx_infer(card: ModelCard, threads: int):
+    """The card's released model.onnx as `infer` (batch -> first output), on `threads` CPU threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(card.model_path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run([card.output.name], {card.input.name: x})[0]
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
     return np.log(p / (1 - p))

@@ -41,6 +41,7 @@ from models.domain_fit import (
     fit_ood,
     fit_temperature,
     load_unfitted_card,
+    onnx_infer,
     ood_block,
     reliability_png,
     scores_summary,
@@ -77,17 +78,6 @@ def features_of(card, studies, threads: int) -> np.ndarray:
     jobs = [(f, n, s, pre.windows, pre.size) for f, n, s in studies]
     with mp.get_context("fork").Pool(threads) as pool:
         return np.array(pool.map(_features, jobs, chunksize=2))
-
-
-def onnx_infer(card, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(card.model_path), opts, providers=["CPUExecutionProvider"])
-    return lambda x: session.run([card.output.name], {card.input.name: x})[0]
 
 
 def score_refuses(card, score: OodScore, paths) -> bool:

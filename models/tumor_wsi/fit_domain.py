@@ -43,6 +43,7 @@ from models.domain_fit import (
     fit_temperature,
     load_unfitted_card,
     mahalanobis,
+    onnx_infer,
     ood_block,
     reliability_png,
     scores_summary,
@@ -84,16 +85,6 @@ def slide_features(card, paths) -> np.ndarray | None:
     rows = [FEATURES[FEATURE_SET].compute(decode_chunk(job)[1])
             for job in chunk_jobs(level, keep, read_px, pre.tile_size)]
     return slide_vector(rows)
-
-
-def onnx_infer(card, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(card.model_path), opts, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {card.input.name: x})[0]
 
 
 def write(work: Path, seed: int, tumor: float, how, drop_half_um: bool = False) -> list[Path]:
